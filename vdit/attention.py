@@ -1,0 +1,245 @@
+"""Multi-head attention with interchangeable backends, and 3-D rotary embeddings.
+
+Every backend takes ``q (B, Sq, H, D)``, ``k, v (B, Sk, H, D)`` and an optional key
+padding ``mask (B, Sk)`` (True = attend), scales by ``1/sqrt(D)`` and returns
+``(B, Sq, H, D)`` in the dtype of ``q``. Softmax statistics are always float32.
+
+Backends:
+  ``xla``      the reference: materialises the ``(B, H, Sq, Sk)`` scores.
+  ``chunked``  blockwise online softmax with a flash-style custom VJP: neither the
+               forward nor the backward pass builds the ``Sq x Sk`` matrix, so memory
+               grows linearly with sequence length. Pure JAX; runs anywhere.
+  ``cudnn``    ``jax.nn.dot_product_attention(implementation="cudnn")``; GPU only.
+  ``splash``   Pallas splash attention; TPU only.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+BACKENDS = ("xla", "chunked", "cudnn", "splash")
+_PLATFORM_OF = {"cudnn": "gpu", "splash": "tpu"}
+# Finite, so a fully padded row yields a uniform average instead of NaN.
+_MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
+
+
+def backend_unavailable_reason(impl: str) -> str | None:
+    """Why ``impl`` cannot run on the default JAX backend, or None when it can."""
+    if impl not in BACKENDS:
+        return f"unknown attention impl {impl!r}; expected one of {BACKENDS}"
+    need = _PLATFORM_OF.get(impl)
+    have = jax.default_backend()
+    if need is not None and have != need:
+        return f"attention impl {impl!r} needs a {need.upper()}, but JAX runs on {have!r}; use 'xla' or 'chunked'"
+    return None
+
+
+def attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    mask: jax.Array | None = None,
+    *,
+    impl: str = "xla",
+    block_kv: int = 512,
+) -> jax.Array:
+    """Scaled dot-product attention through the backend ``impl``.
+
+    Args:
+      q: queries ``(B, Sq, H, D)``.
+      k: keys ``(B, Sk, H, D)``.
+      v: values ``(B, Sk, H, D)``.
+      mask: optional key padding mask ``(B, Sk)``, True where a key may be attended.
+      impl: one of ``BACKENDS``.
+      block_kv: key/value block length of the ``chunked`` backend.
+
+    Returns:
+      ``(B, Sq, H, D)`` in ``q.dtype``.
+    """
+    if q.ndim != 4 or k.shape != v.shape or k.ndim != 4 or q.shape[::2] != k.shape[::2] or q.shape[3] != k.shape[3]:
+        raise ValueError(
+            f"attention expects q (B, Sq, H, D) and k, v (B, Sk, H, D) with equal B, H, D; "
+            f"got q {q.shape}, k {k.shape}, v {v.shape}"
+        )
+    if mask is not None and mask.shape != k.shape[:2]:
+        raise ValueError(f"attention mask must be (B, Sk) = {k.shape[:2]}, got {mask.shape}")
+    reason = backend_unavailable_reason(impl)
+    if reason:
+        raise ValueError(reason)
+    if impl == "xla":
+        return _xla_attention(q, k, v, mask)
+    if impl == "chunked":
+        return chunked_attention(q, k, v, mask, block_kv=block_kv)
+    if impl == "cudnn":
+        m = None if mask is None else mask[:, None, None, :]
+        return jax.nn.dot_product_attention(q, k, v, mask=m, implementation="cudnn")
+    return _splash_attention(q, k, v, mask)
+
+
+def _scores(q, k):
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    return jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+
+
+def _xla_attention(q, k, v, mask):
+    s = _scores(q, k)  # (B, H, Sq, Sk)
+    if mask is not None:
+        s = jnp.where(mask[:, None, None, :], s, _MASK_VALUE)
+    p = jax.nn.softmax(s, axis=-1)
+    return jnp.einsum("bhqk,bkhd->bqhd", p.astype(v.dtype), v, preferred_element_type=jnp.float32).astype(q.dtype)
+
+
+# ----------------------------------------------------------------------------- chunked
+
+
+def chunked_attention(q, k, v, mask=None, *, block_kv: int = 512):
+    """Blockwise attention (online softmax) in linear memory; see module docstring."""
+    b, sk = k.shape[:2]
+    if mask is None:
+        mask = jnp.ones((b, sk), bool)
+    block = min(block_kv, sk)
+    pad = (-sk) % block
+    if pad:
+        k = jnp.pad(k, ((0, 0), (0, pad), (0, 0), (0, 0)))
+        v = jnp.pad(v, ((0, 0), (0, pad), (0, 0), (0, 0)))
+        mask = jnp.pad(mask, ((0, 0), (0, pad)))
+    return _flash(q, k, v, mask, block)
+
+
+def _kv_blocks(x, block):
+    # (B, Sk, ...) -> (nk, B, block, ...), the scan axis first.
+    b, sk = x.shape[:2]
+    return jnp.moveaxis(x.reshape(b, sk // block, block, *x.shape[2:]), 1, 0)
+
+
+def _flash_forward(q, k, v, mask, block):
+    b, sq, h, d = q.shape
+    scale = 1.0 / math.sqrt(d)
+
+    def step(carry, blk):
+        o, m, l = carry  # (B, H, Sq, D), (B, H, Sq), (B, H, Sq)
+        kb, vb, mb = blk
+        s = jnp.einsum("bqhd,bkhd->bhqk", q, kb, preferred_element_type=jnp.float32) * scale
+        s = jnp.where(mb[:, None, None, :], s, _MASK_VALUE)
+        m_new = jnp.maximum(m, s.max(-1))
+        p = jnp.exp(s - m_new[..., None])
+        corr = jnp.exp(m - m_new)
+        l = l * corr + p.sum(-1)
+        pv = jnp.einsum("bhqk,bkhd->bhqd", p.astype(vb.dtype), vb, preferred_element_type=jnp.float32)
+        return (o * corr[..., None] + pv, m_new, l), None
+
+    init = (
+        jnp.zeros((b, h, sq, d), jnp.float32),
+        jnp.full((b, h, sq), -jnp.inf, jnp.float32),
+        jnp.zeros((b, h, sq), jnp.float32),
+    )
+    blocks = (_kv_blocks(k, block), _kv_blocks(v, block), _kv_blocks(mask, block))
+    (o, m, l), _ = jax.lax.scan(step, init, blocks)
+    o = o / l[..., None]
+    lse = m + jnp.log(l)  # (B, H, Sq)
+    return jnp.swapaxes(o, 1, 2).astype(q.dtype), lse
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _flash(q, k, v, mask, block):
+    return _flash_forward(q, k, v, mask, block)[0]
+
+
+def _flash_fwd(q, k, v, mask, block):
+    o, lse = _flash_forward(q, k, v, mask, block)
+    return o, (q, k, v, mask, o, lse)
+
+
+def _flash_bwd(block, res, do):
+    q, k, v, mask, o, lse = res
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    do32 = do.astype(jnp.float32)
+    delta = jnp.einsum("bqhd,bqhd->bhq", do32, o.astype(jnp.float32))  # (B, H, Sq)
+
+    def step(dq, blk):
+        kb, vb, mb = blk
+        s = jnp.einsum("bqhd,bkhd->bhqk", q, kb, preferred_element_type=jnp.float32) * scale
+        s = jnp.where(mb[:, None, None, :], s, _MASK_VALUE)
+        p = jnp.exp(s - lse[..., None])  # (B, H, Sq, block)
+        dv = jnp.einsum("bhqk,bqhd->bkhd", p, do32)
+        dp = jnp.einsum("bqhd,bkhd->bhqk", do32, vb.astype(jnp.float32))
+        ds = p * (dp - delta[..., None]) * scale
+        dq = dq + jnp.einsum("bhqk,bkhd->bqhd", ds, kb.astype(jnp.float32))
+        dk = jnp.einsum("bhqk,bqhd->bkhd", ds, q.astype(jnp.float32))
+        return dq, (dk, dv)
+
+    blocks = (_kv_blocks(k, block), _kv_blocks(v, block), _kv_blocks(mask, block))
+    dq, (dk, dv) = jax.lax.scan(step, jnp.zeros(q.shape, jnp.float32), blocks)
+    merge = lambda x: jnp.moveaxis(x, 0, 1).reshape(k.shape)  # noqa: E731
+    dk, dv = merge(dk), merge(dv)
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+# ----------------------------------------------------------------------------- splash (TPU)
+
+
+def _splash_attention(q, k, v, mask):
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+
+    b, sq, h, d = q.shape
+    skv = k.shape[1]
+    heads_mask = sm.MultiHeadMask([sm.FullMask((sq, skv)) for _ in range(h)])
+    kernel = sk.make_splash_mha(heads_mask, head_shards=1, q_seq_shards=1)
+    q = q * (1.0 / math.sqrt(d))
+    to_hsd = lambda x: jnp.swapaxes(x, 1, 2)  # noqa: E731  (B, S, H, D) -> (B, H, S, D)
+    if mask is None:
+        out = jax.vmap(kernel)(to_hsd(q), to_hsd(k), to_hsd(v))
+    else:
+        # Key padding as segment ids: padded keys (0) never match a query (1).
+        seg = jax.vmap(lambda m: sk.SegmentIds(q=jnp.ones((sq,), jnp.int32), kv=m.astype(jnp.int32)))(mask)
+        out = jax.vmap(lambda a, b_, c, s: kernel(a, b_, c, segment_ids=s))(to_hsd(q), to_hsd(k), to_hsd(v), seg)
+    return to_hsd(out).astype(q.dtype)
+
+
+# ----------------------------------------------------------------------------- RoPE
+
+
+def rope_split(head_dim: int) -> tuple[int, int, int]:
+    """Channels of a head given to (t, h, w) rotary frequencies (Wan2.1's split)."""
+    if head_dim % 2:
+        raise ValueError(f"3-D RoPE needs an even head_dim, got {head_dim}")
+    hw = 2 * (head_dim // 6)
+    return head_dim - 2 * hw, hw, hw
+
+
+def rope_angles_3d(grid: tuple[int, int, int], head_dim: int, theta: float = 10000.0) -> np.ndarray:
+    """Rotation angles ``(t*h*w, head_dim/2)`` of 3-D RoPE for a token grid.
+
+    The head dimension is split between time, height and width (``rope_split``);
+    each part rotates consecutive channel pairs by ``pos / theta**(2i/d)``. Computed
+    in float64 on the host; the grid is static so this is a compile-time constant.
+    """
+    parts = []
+    for n, dim in zip(grid, rope_split(head_dim)):
+        inv = 1.0 / theta ** (np.arange(0, dim, 2, dtype=np.float64)[: dim // 2] / dim)
+        parts.append(np.outer(np.arange(n, dtype=np.float64), inv))  # (n, dim/2)
+    t, h, w = grid
+    ang_t = np.broadcast_to(parts[0][:, None, None], (t, h, w, parts[0].shape[-1]))
+    ang_h = np.broadcast_to(parts[1][None, :, None], (t, h, w, parts[1].shape[-1]))
+    ang_w = np.broadcast_to(parts[2][None, None, :], (t, h, w, parts[2].shape[-1]))
+    return np.concatenate([ang_t, ang_h, ang_w], axis=-1).reshape(t * h * w, head_dim // 2)
+
+
+def apply_rope(x: jax.Array, angles: jax.Array) -> jax.Array:
+    """Rotates interleaved channel pairs of ``x (B, S, H, D)`` by ``angles (S, D/2)``."""
+    dtype = x.dtype
+    x = x.astype(jnp.float32).reshape(*x.shape[:-1], -1, 2)
+    cos = jnp.cos(angles)[None, :, None, :].astype(jnp.float32)
+    sin = jnp.sin(angles)[None, :, None, :].astype(jnp.float32)
+    x1, x2 = x[..., 0], x[..., 1]
+    out = jnp.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1)
+    return out.reshape(*out.shape[:-2], -1).astype(dtype)

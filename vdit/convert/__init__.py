@@ -1,0 +1,1 @@
+"""Weight conversion from other implementations (diffusers' Wan2.1) into vdit parameters."""

@@ -1,0 +1,202 @@
+"""Building blocks shared by every vdit model.
+
+Each layer takes a compute ``dtype`` and a ``param_dtype`` and gives every parameter
+logical axis names, so one rules table (in the config) decides how it is sharded.
+
+Logical parameter axes used across vdit:
+
+================  ===========================================================
+``embed``         model width of a transformer (DiT, text encoder)
+``mlp``           hidden width of an MLP
+``heads``         flattened ``heads * head_dim`` of q/k/v and attention output
+``vocab``         token vocabulary of the text encoder
+``conv_in``       input channels of a convolution (VAE, patch embedding)
+``conv_out``      output channels of a convolution
+``norm``          scale/bias of a normalisation (never sharded)
+``layers``        the stacked leading axis when layers are scanned
+================  ===========================================================
+
+Normalisations always compute in float32 (mixed-precision rule of DESIGN.md) and
+return the input dtype.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+
+Dtype = Any
+Initializer = Callable[..., jax.Array]
+
+default_kernel_init = nn.initializers.lecun_normal()
+
+
+def partitioned(init: Initializer, axes: Sequence[str | None]) -> Initializer:
+    """Wraps an initializer so the parameter carries logical axis names."""
+    return nn.with_logical_partitioning(init, tuple(axes))
+
+
+class Dense(nn.Module):
+    """A linear layer ``y = x W + b`` whose kernel has logical axes ``axes``.
+
+    Attributes:
+      features: output width.
+      axes: logical names of the kernel's (input, output) axes.
+      use_bias: add a bias (named ``axes[1]``).
+      kernel_init: initializer of the kernel, e.g. zeros for adaLN-Zero.
+    """
+
+    features: int
+    axes: tuple[str | None, str | None] = ("embed", "mlp")
+    use_bias: bool = True
+    kernel_init: Initializer = default_kernel_init
+    bias_init: Initializer = nn.initializers.zeros_init()
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return nn.Dense(
+            self.features,
+            use_bias=self.use_bias,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            kernel_init=partitioned(self.kernel_init, self.axes),
+            bias_init=partitioned(self.bias_init, (self.axes[1],)),
+            name="linear",
+        )(x)
+
+
+class Conv(nn.Module):
+    """An N-d convolution on channels-last input with logical axes on the kernel.
+
+    Spatial kernel axes are never sharded; channels are named ``conv_in``/``conv_out``.
+    ``padding`` follows ``flax.linen.Conv`` (``"VALID"``, ``"SAME"`` or explicit pairs).
+    """
+
+    features: int
+    kernel_size: tuple[int, ...]
+    strides: tuple[int, ...] | None = None
+    padding: Any = "VALID"
+    use_bias: bool = True
+    kernel_init: Initializer = default_kernel_init
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        axes = (None,) * len(self.kernel_size) + ("conv_in", "conv_out")
+        return nn.Conv(
+            self.features,
+            kernel_size=self.kernel_size,
+            strides=self.strides,
+            padding=self.padding,
+            use_bias=self.use_bias,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            kernel_init=partitioned(self.kernel_init, axes),
+            bias_init=partitioned(nn.initializers.zeros_init(), ("conv_out",)),
+            name="conv",
+        )(x)
+
+
+class RMSNorm(nn.Module):
+    """RMS normalisation over the last axis, computed in float32.
+
+    Attributes:
+      eps: added to the mean square.
+      use_scale: learn a per-channel scale (initialised to one).
+      axis_name: logical name of the scale parameter.
+    """
+
+    eps: float = 1e-6
+    use_scale: bool = True
+    axis_name: str | None = "norm"
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        dtype = x.dtype
+        x = x.astype(jnp.float32)
+        x = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + self.eps)
+        if self.use_scale:
+            scale = self.param(
+                "scale",
+                partitioned(nn.initializers.ones_init(), (self.axis_name,)),
+                (x.shape[-1],),
+                self.param_dtype,
+            )
+            x = x * scale.astype(jnp.float32)
+        return x.astype(dtype)
+
+
+class LayerNorm(nn.Module):
+    """Layer normalisation over the last axis, computed in float32.
+
+    ``use_affine=False`` is the parameter-free norm that adaLN modulates.
+    """
+
+    eps: float = 1e-6
+    use_affine: bool = True
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        dtype = x.dtype
+        x = x.astype(jnp.float32)
+        mean = jnp.mean(x, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
+        x = (x - mean) * jax.lax.rsqrt(var + self.eps)
+        if self.use_affine:
+            d = x.shape[-1]
+            scale = self.param("scale", partitioned(nn.initializers.ones_init(), ("norm",)), (d,), self.param_dtype)
+            bias = self.param("bias", partitioned(nn.initializers.zeros_init(), ("norm",)), (d,), self.param_dtype)
+            x = x * scale.astype(jnp.float32) + bias.astype(jnp.float32)
+        return x.astype(dtype)
+
+
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "silu": jax.nn.silu,
+}
+
+
+class MLP(nn.Module):
+    """Two-layer MLP ``fc2(act(fc1(x)))`` with ``(embed, mlp)``/``(mlp, embed)`` kernels.
+
+    Attributes:
+      hidden: hidden width.
+      out: output width (defaults to the input width).
+      activation: a key of ``ACTIVATIONS``.
+      in_axes: logical name of the input/output width (``embed`` in a transformer).
+    """
+
+    hidden: int
+    out: int | None = None
+    activation: str = "gelu_tanh"
+    in_axes: str = "embed"
+    zero_out: bool = False
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        out = self.out or x.shape[-1]
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        h = Dense(self.hidden, axes=(self.in_axes, "mlp"), name="fc1", **kw)(x)
+        h = ACTIVATIONS[self.activation](h)
+        init = nn.initializers.zeros_init() if self.zero_out else default_kernel_init
+        return Dense(out, axes=("mlp", self.in_axes), kernel_init=init, name="fc2", **kw)(h)
+
+
+def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
+    """Constrains an activation's sharding by logical axis names.
+
+    Outside a mesh/rules context (plain CPU use, tests) this is the identity, so model
+    code can call it unconditionally.
+    """
+    return nn.with_logical_constraint(x, tuple(names))
