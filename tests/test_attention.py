@@ -1,0 +1,133 @@
+"""Attention backends agree with the XLA reference; 3-D RoPE matches Wan2.1's."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vdit.attention import (
+    BACKENDS,
+    apply_rope,
+    attention,
+    backend_unavailable_reason,
+    rope_angles_3d,
+    rope_split,
+)
+
+
+def _qkv(b=2, sq=37, sk=45, h=3, d=16, dtype=jnp.float32, seed=0):
+    ks = jax.random.split(jax.random.PRNGKey(seed), 3)
+    q = jax.random.normal(ks[0], (b, sq, h, d), dtype)
+    k = jax.random.normal(ks[1], (b, sk, h, d), dtype)
+    v = jax.random.normal(ks[2], (b, sk, h, d), dtype)
+    return q, k, v
+
+
+def _mask(b, sk):
+    lengths = jnp.array([sk * 2 // 3] + [sk] * (b - 1))
+    return jnp.arange(sk)[None] < lengths[:, None]
+
+
+def _naive(q, k, v, mask):
+    q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+    s = np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(q.shape[-1])
+    if mask is not None:
+        s = np.where(np.asarray(mask)[:, None, None, :], s, -np.inf)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    return np.einsum("bhqk,bkhd->bqhd", p, v)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_xla_matches_float64_reference(masked):
+    q, k, v = _qkv()
+    mask = _mask(2, 45) if masked else None
+    np.testing.assert_allclose(attention(q, k, v, mask, impl="xla"), _naive(q, k, v, mask), atol=2e-6)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("block", [8, 16, 512])
+def test_chunked_matches_xla_forward_and_grads(masked, block):
+    q, k, v = _qkv()
+    mask = _mask(2, 45) if masked else None
+    out = {impl: attention(q, k, v, mask, impl=impl, block_kv=block) for impl in ("xla", "chunked")}
+    np.testing.assert_allclose(out["chunked"], out["xla"], atol=1e-5)
+
+    def loss(impl):
+        w = jax.random.normal(jax.random.PRNGKey(9), q.shape)
+        return lambda q, k, v: jnp.sum(attention(q, k, v, mask, impl=impl, block_kv=block) * w)
+
+    g_ref = jax.grad(loss("xla"), argnums=(0, 1, 2))(q, k, v)
+    g_chk = jax.grad(loss("chunked"), argnums=(0, 1, 2))(q, k, v)
+    for a, b in zip(g_chk, g_ref):
+        np.testing.assert_allclose(a, b, atol=2e-5)
+
+
+def test_chunked_bf16_close_to_f32():
+    q, k, v = _qkv()
+    ref = attention(q, k, v, impl="xla")
+    low = attention(*(x.astype(jnp.bfloat16) for x in (q, k, v)), impl="chunked", block_kv=16)
+    assert low.dtype == jnp.bfloat16
+    np.testing.assert_allclose(low.astype(jnp.float32), ref, atol=5e-2)
+
+
+def test_chunked_never_materialises_scores():
+    # The largest intermediate of the chunked forward+backward must scale with
+    # Sq * block, not Sq * Sk: compare the compiled temp memory at two lengths.
+    def temp_bytes(s):
+        q, k, v = _qkv(b=1, sq=s, sk=s, h=2, d=16)
+        f = jax.jit(jax.grad(lambda q, k, v: attention(q, k, v, impl="chunked", block_kv=128).sum(), argnums=(0, 1, 2)))
+        return f.lower(q, k, v).compile().memory_analysis().temp_size_in_bytes
+
+    small, large = temp_bytes(1024), temp_bytes(4096)
+    assert large < 6 * small, (small, large)  # quadratic growth would be 16x
+
+
+@pytest.mark.parametrize("impl", ["cudnn", "splash"])
+def test_hardware_backends_match_xla(impl):
+    reason = backend_unavailable_reason(impl)
+    if reason:
+        pytest.skip(reason)
+    q, k, v = _qkv(b=2, sq=256, sk=256, h=2, d=64, dtype=jnp.bfloat16)
+    mask = _mask(2, 256)
+    np.testing.assert_allclose(
+        attention(q, k, v, mask, impl=impl).astype(jnp.float32),
+        attention(q, k, v, mask, impl="xla").astype(jnp.float32),
+        atol=3e-2,
+    )
+
+
+def test_bad_inputs_are_one_line_errors():
+    q, k, v = _qkv()
+    with pytest.raises(ValueError, match="unknown attention impl 'flash'"):
+        attention(q, k, v, impl="flash")
+    with pytest.raises(ValueError, match=r"q \(B, Sq, H, D\)"):
+        attention(q[0], k, v)
+    with pytest.raises(ValueError, match="mask must be"):
+        attention(q, k, v, jnp.ones((2, 3), bool))
+    if jax.default_backend() == "cpu":
+        with pytest.raises(ValueError, match="needs a GPU"):
+            attention(q, k, v, impl="cudnn")
+    assert set(BACKENDS) == {"xla", "chunked", "cudnn", "splash"}
+
+
+def test_rope_matches_diffusers_wan():
+    torch = pytest.importorskip("torch")
+    transformer_wan = pytest.importorskip("diffusers.models.transformers.transformer_wan")
+    head_dim, grid = 24, (3, 4, 5)
+    rope = transformer_wan.WanRotaryPosEmbed(head_dim, (1, 2, 2), max_seq_len=32)
+    cos, sin = rope(torch.zeros(1, 4, grid[0], grid[1] * 2, grid[2] * 2))  # (1, S, 1, D)
+    angles = rope_angles_3d(grid, head_dim)
+    np.testing.assert_allclose(np.cos(angles), cos[0, :, 0, 0::2].numpy(), atol=1e-6)
+    np.testing.assert_allclose(np.sin(angles), sin[0, :, 0, 1::2].numpy(), atol=1e-6)
+    assert sum(rope_split(head_dim)) == head_dim
+
+
+def test_rope_is_relative():
+    # <rot(q, i), rot(k, j)> depends on i - j only: shift the whole grid in time.
+    head_dim = 12
+    angles = rope_angles_3d((6, 1, 1), head_dim)
+    q, k = (jax.random.normal(jax.random.PRNGKey(s), (1, 1, 1, head_dim)) for s in (1, 2))
+    dot = lambda i, j: float(jnp.sum(apply_rope(q, angles[i : i + 1]) * apply_rope(k, angles[j : j + 1])))  # noqa: E731
+    assert dot(3, 1) == pytest.approx(dot(4, 2), abs=1e-5)
+    assert dot(3, 1) != pytest.approx(dot(3, 2), abs=1e-3)

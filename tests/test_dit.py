@@ -1,0 +1,129 @@
+"""DiT behaviour: shapes, adaLN-Zero init, options that must not change the maths, errors."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vdit.dit import DiT, count_params
+
+TINY = dict(in_channels=4, patch_size=(1, 2, 2), width=32, depth=2, num_heads=2, mlp_dim=64, text_dim=16, freq_dim=32)
+
+
+def _inputs(b=2, t=3, h=8, w=12, c=4, text_len=5, seed=0):
+    ks = jax.random.split(jax.random.PRNGKey(seed), 3)
+    x = jax.random.normal(ks[0], (b, t, h, w, c))
+    text = jax.random.normal(ks[1], (b, text_len, 16))
+    mask = jnp.arange(text_len)[None] < jnp.array([[3], [text_len]])[:b]
+    return x, jax.random.uniform(ks[2], (b,)), text, mask
+
+
+def _randomised_params(model, *args, seed=1):
+    # adaLN-Zero makes a fresh model output zeros; perturb so comparisons can fail.
+    params = nn.meta.unbox(model.init(jax.random.PRNGKey(0), *args)["params"])
+    leaves, tree = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
+    return jax.tree.unflatten(tree, [a + 0.2 * jax.random.normal(k, a.shape) for a, k in zip(leaves, keys)])
+
+
+def test_shapes_and_zero_init():
+    model = DiT(**TINY)
+    x, t, text, mask = _inputs()
+    variables = model.init(jax.random.PRNGKey(0), x, t, text, mask)
+    out = model.apply(variables, x, t, text, mask)
+    assert out.shape == x.shape and out.dtype == jnp.float32
+    # Zero-initialised output projection: an untrained DiT predicts exactly zero.
+    assert float(jnp.abs(out).max()) == 0.0
+
+
+def test_every_param_has_logical_axes():
+    x, t, text, mask = _inputs()
+    variables = DiT(**TINY).init(jax.random.PRNGKey(0), x, t, text, mask)
+    specs = nn.get_partition_spec(variables)["params"]
+    flat = jax.tree_util.tree_flatten_with_path(specs, is_leaf=lambda s: isinstance(s, jax.sharding.PartitionSpec))[0]
+    assert flat and all(isinstance(s, jax.sharding.PartitionSpec) and len(s) > 0 for _, s in flat)
+    names = {n for _, s in flat for n in s if n}
+    assert {"embed", "mlp", "heads"} <= names
+
+
+@pytest.mark.parametrize("option", [dict(remat="full"), dict(remat="dots"), dict(attention_impl="chunked")])
+def test_options_preserve_outputs_and_grads(option):
+    x, t, text, mask = _inputs()
+    base = DiT(**TINY)
+    params = _randomised_params(base, x, t, text, mask)
+    other = DiT(**TINY, **option)
+
+    def loss(model):
+        return lambda p: jnp.mean(model.apply({"params": p}, x, t, text, mask) ** 2)
+
+    l0, g0 = jax.value_and_grad(loss(base))(params)
+    l1, g1 = jax.value_and_grad(loss(other))(params)
+    np.testing.assert_allclose(l1, l0, rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), g1, g0)
+
+
+def test_scan_layers_equals_unrolled():
+    from vdit.convert.common import stack_layers
+
+    x, t, text, mask = _inputs()
+    params = _randomised_params(DiT(**TINY), x, t, text, mask)
+    blocks = [params.pop(f"blocks_{i}") for i in range(TINY["depth"])]
+    scanned = dict(params, blocks={"block": stack_layers(blocks)})
+    params.update({f"blocks_{i}": b for i, b in enumerate(blocks)})
+    ref = DiT(**TINY).apply({"params": params}, x, t, text, mask)
+    out = DiT(**TINY, scan_layers=True, remat="full").apply({"params": scanned}, x, t, text, mask)
+    np.testing.assert_allclose(out, ref, atol=1e-5)
+    specs = nn.get_partition_spec(DiT(**TINY, scan_layers=True).init(jax.random.PRNGKey(0), x, t, text, mask))
+    assert specs["params"]["blocks"]["block"]["mlp"]["fc1"]["linear"]["kernel"] == jax.sharding.PartitionSpec(
+        "layers", "embed", "mlp"
+    )
+
+
+def test_text_mask_hides_padding_and_text_matters():
+    x, t, text, mask = _inputs()
+    model = DiT(**TINY)
+    params = _randomised_params(model, x, t, text, mask)
+    out = model.apply({"params": params}, x, t, text, mask)
+    noisy_pad = text.at[0, 3:].set(100.0)  # sample 0 has 3 real tokens
+    np.testing.assert_allclose(model.apply({"params": params}, x, t, noisy_pad, mask), out, atol=1e-6)
+    changed = model.apply({"params": params}, x, t, text.at[0, 0].add(1.0), mask)
+    assert float(jnp.abs(changed[0] - out[0]).max()) > 1e-3
+    np.testing.assert_allclose(changed[1], out[1], atol=1e-6)  # samples do not leak into each other
+
+
+def test_bf16_compute_keeps_f32_params_and_is_close():
+    x, t, text, mask = _inputs()
+    params = _randomised_params(DiT(**TINY), x, t, text, mask)
+    ref = DiT(**TINY).apply({"params": params}, x, t, text, mask)
+    low = DiT(**TINY, dtype=jnp.bfloat16).apply({"params": params}, x, t, text, mask)
+    assert low.dtype == jnp.float32
+    assert float(jnp.abs(low - ref).max()) < 0.05 * float(jnp.abs(ref).max())
+    assert all(a.dtype == jnp.float32 for a in jax.tree.leaves(params))
+
+
+def test_bad_inputs():
+    model = DiT(**TINY)
+    x, t, text, mask = _inputs()
+    init = lambda x_, text_=text: model.init(jax.random.PRNGKey(0), x_, t, text_, mask)  # noqa: E731
+    with pytest.raises(ValueError, match=r"nearest valid W: 10 or 12"):
+        init(x[:, :, :, :11])
+    with pytest.raises(ValueError, match=r"channels-first\?"):
+        init(jnp.moveaxis(x, -1, 1))
+    with pytest.raises(ValueError, match="rank 4"):
+        init(x[0])
+    with pytest.raises(ValueError, match=r"text \(B=2, L, text_dim=16\)"):
+        init(x, text[..., :8])
+    with pytest.raises(ValueError, match="remat policy 'some'"):
+        DiT(**TINY, remat="some").init(jax.random.PRNGKey(0), x, t, text, mask)
+
+
+def test_param_count_matches_formula():
+    x, t, text, mask = _inputs()
+    d, m, p, c = 32, 64, 4, 4
+    attn = 4 * (d * d + d) + 2 * d
+    block = 6 * d + 2 * attn + 2 * d + (d * m + m + m * d + d)
+    embed = (p * c * d + d) + (32 * d + d) + (d * d + d) + (d * 6 * d + 6 * d) + (16 * d + d) + (d * d + d)
+    head = 2 * d + d * p * c + p * c
+    params = DiT(**TINY).init(jax.random.PRNGKey(0), x, t, text, mask)["params"]
+    assert count_params(params) == embed + 2 * block + head

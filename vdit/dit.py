@@ -1,0 +1,273 @@
+"""Video diffusion transformer (DiT) over VAE latents.
+
+The architecture is Wan2.1's text-to-video transformer (and can load its weights via
+``vdit.convert.wan_dit``): 3-D patchify, 3-D RoPE in self-attention, RMSNorm on q and
+k, cross-attention to text tokens, GELU-tanh MLP, and adaLN-Zero modulation
+(shift/scale/gate for attention and MLP) from one timestep MLP shared by all blocks
+plus a learned per-block table.
+
+Shapes: latents ``(B, T, H, W, C)`` channels-last; text ``(B, L, text_dim)`` with a
+padding mask ``(B, L)``; time ``t`` in [0, 1] (1 = noise), shape ``(B,)``.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+import numpy as np
+
+from vdit import layers
+from vdit.attention import apply_rope, attention, rope_angles_3d
+
+ACT = ("act_batch", "act_seq", "act_embed")
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0) -> jax.Array:
+    """Sinusoidal embedding ``[cos, sin]`` of (already scaled) timesteps ``(B,) -> (B, dim)``."""
+    half = dim // 2
+    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+    args = t.astype(jnp.float32)[:, None] * freqs[None]
+    emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+    return jnp.pad(emb, ((0, 0), (0, dim % 2)))
+
+
+def nearest_multiples(n: int, m: int) -> str:
+    """``'a or b'``: the multiples of ``m`` closest to ``n`` (for error messages)."""
+    lo = max(m, n // m * m)
+    return f"{lo}" if lo == n else f"{lo} or {lo + m}"
+
+
+def check_latents(shape: tuple[int, ...], channels: int, patch_size: tuple[int, int, int]) -> None:
+    """Raises a one-line ValueError unless ``shape`` is ``(B, T, H, W, channels)`` divisible by the patch."""
+    if len(shape) != 5:
+        raise ValueError(f"DiT expects latents (B, T, H, W, C={channels}), got rank {len(shape)} shape {tuple(shape)}")
+    if shape[-1] != channels:
+        hint = " (channels-first? vdit is channels-last)" if shape[1] == channels else ""
+        raise ValueError(f"DiT expects latents (B, T, H, W, C={channels}), got {tuple(shape)}{hint}")
+    for name, n, p in zip("THW", shape[1:4], patch_size):
+        if n % p:
+            raise ValueError(
+                f"latent {name}={n} is not divisible by patch size {p} (patch {tuple(patch_size)}); "
+                f"nearest valid {name}: {nearest_multiples(n, p)}"
+            )
+
+
+class Attention(nn.Module):
+    """Multi-head self- or cross-attention with optional q/k RMSNorm and RoPE."""
+
+    num_heads: int
+    qk_norm: bool = True
+    eps: float = 1e-6
+    impl: str = "xla"
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, context=None, mask=None, angles=None):
+        b, s, d = x.shape
+        head_dim = d // self.num_heads
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        src = x if context is None else context
+        q = layers.Dense(d, axes=("embed", "heads"), name="q", **kw)(x)
+        k = layers.Dense(d, axes=("embed", "heads"), name="k", **kw)(src)
+        v = layers.Dense(d, axes=("embed", "heads"), name="v", **kw)(src)
+        if self.qk_norm:  # Wan normalises across all heads at once.
+            q = layers.RMSNorm(self.eps, axis_name="heads", name="q_norm")(q)
+            k = layers.RMSNorm(self.eps, axis_name="heads", name="k_norm")(k)
+        q = q.reshape(b, s, self.num_heads, head_dim)
+        k = k.reshape(b, src.shape[1], self.num_heads, head_dim)
+        v = v.reshape(b, src.shape[1], self.num_heads, head_dim)
+        if angles is not None:
+            q, k = apply_rope(q, angles), apply_rope(k, angles)
+        o = attention(q, k, v, mask, impl=self.impl).reshape(b, s, d)
+        return layers.Dense(d, axes=("heads", "embed"), name="out", **kw)(o)
+
+
+class DiTBlock(nn.Module):
+    """adaLN-Zero transformer block: self-attention, text cross-attention, MLP."""
+
+    num_heads: int
+    mlp_dim: int
+    qk_norm: bool = True
+    cross_attn_norm: bool = True
+    eps: float = 1e-6
+    attention_impl: str = "xla"
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, context, context_mask, mod, angles):
+        # x (B, S, D) float32 residual stream; mod (B, 6, D) shared timestep modulation.
+        d = x.shape[-1]
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        attn = functools.partial(Attention, self.num_heads, self.qk_norm, self.eps, self.attention_impl, **kw)
+        table = self.param(
+            "modulation", layers.partitioned(nn.initializers.zeros_init(), (None, "embed")), (6, d), self.param_dtype
+        )
+        shift, scale, gate, c_shift, c_scale, c_gate = jnp.split(table[None] + mod, 6, axis=1)  # each (B, 1, D)
+
+        norm = layers.LayerNorm(self.eps, use_affine=False, name="norm1")(x)
+        h = (norm * (1 + scale) + shift).astype(self.dtype)
+        x = x + attn(name="self_attn")(h, angles=angles).astype(jnp.float32) * gate
+
+        h = layers.LayerNorm(self.eps, name="norm2")(x) if self.cross_attn_norm else x
+        x = x + attn(name="cross_attn")(h.astype(self.dtype), context, context_mask).astype(jnp.float32)
+
+        norm = layers.LayerNorm(self.eps, use_affine=False, name="norm3")(x)
+        h = (norm * (1 + c_scale) + c_shift).astype(self.dtype)
+        x = x + layers.MLP(self.mlp_dim, activation="gelu_tanh", name="mlp", **kw)(h).astype(jnp.float32) * c_gate
+        return layers.constrain(x, ACT)
+
+
+class _ScanBlock(nn.Module):
+    """Adapter so ``nn.scan`` can carry ``x`` and broadcast the other block inputs."""
+
+    block_kwargs: dict
+    remat: str = "none"
+
+    @nn.compact
+    def __call__(self, x, context, context_mask, mod, angles):
+        block = DiTBlock
+        if REMAT_POLICIES[self.remat] is not None:
+            block = nn.remat(DiTBlock, policy=REMAT_POLICIES[self.remat])
+        return block(**self.block_kwargs, name="block")(x, context, context_mask, mod, angles), None
+
+
+class DiT(nn.Module):
+    """Text-conditioned video DiT predicting the flow velocity (or eps / v) of latents.
+
+    Attributes:
+      in_channels: latent channels.
+      out_channels: predicted channels (defaults to ``in_channels``).
+      patch_size: (t, h, w) patch of latents per token.
+      width: model width (``num_heads * head_dim``).
+      depth: number of blocks.
+      num_heads: attention heads.
+      mlp_dim: MLP hidden width.
+      text_dim: width of the text encoder's embeddings.
+      freq_dim: sinusoidal timestep embedding width.
+      timestep_scale: ``t`` in [0, 1] is multiplied by this before embedding (Wan: 1000).
+      qk_norm: RMSNorm on queries and keys.
+      cross_attn_norm: LayerNorm (affine) before cross-attention.
+      eps: epsilon of every norm.
+      rope_theta: RoPE base.
+      attention_impl: backend of ``vdit.attention.attention``.
+      remat: rematerialisation policy per block, a key of ``REMAT_POLICIES``.
+      scan_layers: scan over blocks (params stacked on a leading ``layers`` axis).
+      dtype: compute dtype of matmuls; norms, modulation and the residual stream are f32.
+      param_dtype: parameter dtype.
+    """
+
+    in_channels: int = 16
+    out_channels: int | None = None
+    patch_size: tuple[int, int, int] = (1, 2, 2)
+    width: int = 1536
+    depth: int = 30
+    num_heads: int = 12
+    mlp_dim: int = 8960
+    text_dim: int = 4096
+    freq_dim: int = 256
+    timestep_scale: float = 1000.0
+    qk_norm: bool = True
+    cross_attn_norm: bool = True
+    eps: float = 1e-6
+    rope_theta: float = 10000.0
+    attention_impl: str = "xla"
+    remat: str = "none"
+    scan_layers: bool = False
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    def _check_config(self):
+        if self.width % self.num_heads:
+            raise ValueError(f"DiT width {self.width} must be divisible by num_heads {self.num_heads}")
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"unknown remat policy {self.remat!r}; expected one of {sorted(REMAT_POLICIES)}")
+
+    @nn.compact
+    def __call__(self, x, t, text, text_mask=None):
+        """Predicts ``(B, T, H, W, out_channels)`` for latents ``x`` at times ``t`` given text.
+
+        Args:
+          x: noisy latents ``(B, T, H, W, C)``.
+          t: times in [0, 1], shape ``(B,)`` or scalar.
+          text: text embeddings ``(B, L, text_dim)``.
+          text_mask: ``(B, L)`` bool, True for real tokens; None attends to all.
+        """
+        self._check_config()
+        check_latents(x.shape, self.in_channels, self.patch_size)
+        b, nt, nh, nw, c = x.shape
+        pt, ph, pw = self.patch_size
+        gt, gh, gw = nt // pt, nh // ph, nw // pw
+        if text.ndim != 3 or text.shape[0] != b or text.shape[-1] != self.text_dim:
+            raise ValueError(f"DiT expects text (B={b}, L, text_dim={self.text_dim}), got {tuple(text.shape)}")
+        t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (b,))
+        d, out_ch = self.width, self.out_channels or self.in_channels
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+
+        # Patchify as one GEMM: (B, T, H, W, C) -> (B, S, pt*ph*pw*C); equals a stride=kernel Conv3d.
+        p = x.reshape(b, gt, pt, gh, ph, gw, pw, c).transpose(0, 1, 3, 5, 2, 4, 6, 7)
+        p = p.reshape(b, gt * gh * gw, pt * ph * pw * c)
+        h = layers.Dense(d, axes=(None, "embed"), name="patch_embed", **kw)(p).astype(jnp.float32)
+        h = layers.constrain(h, ACT)
+
+        # Timestep conditioning stays in f32: it sets every modulation of every block.
+        temb = timestep_embedding(t * self.timestep_scale, self.freq_dim)
+        temb = layers.MLP(d, d, activation="silu", name="time_embed")(temb)  # (B, D)
+        mod = layers.Dense(6 * d, axes=("embed", "mlp"), kernel_init=nn.initializers.zeros_init(), name="time_proj")(
+            jax.nn.silu(temb)
+        ).reshape(b, 6, d)
+        context = layers.MLP(d, d, activation="gelu_tanh", name="text_embed", **kw)(text)
+
+        angles = jnp.asarray(rope_angles_3d((gt, gh, gw), d // self.num_heads, self.rope_theta), jnp.float32)
+        block_kwargs = dict(
+            num_heads=self.num_heads,
+            mlp_dim=self.mlp_dim,
+            qk_norm=self.qk_norm,
+            cross_attn_norm=self.cross_attn_norm,
+            eps=self.eps,
+            attention_impl=self.attention_impl,
+            **kw,
+        )
+        if self.scan_layers:
+            blocks = nn.scan(
+                _ScanBlock,
+                variable_axes={"params": 0},
+                split_rngs={"params": True},
+                in_axes=(nn.broadcast,) * 4,
+                length=self.depth,
+                metadata_params={nn.PARTITION_NAME: "layers"},
+            )(block_kwargs, self.remat, name="blocks")
+            h, _ = blocks(h, context, text_mask, mod, angles)
+        else:
+            block = DiTBlock
+            if REMAT_POLICIES[self.remat] is not None:
+                block = nn.remat(DiTBlock, policy=REMAT_POLICIES[self.remat])
+            for i in range(self.depth):
+                h = block(**block_kwargs, name=f"blocks_{i}")(h, context, text_mask, mod, angles)
+
+        table = self.param(
+            "out_modulation", layers.partitioned(nn.initializers.zeros_init(), (None, "embed")), (2, d), self.param_dtype
+        )
+        shift, scale = jnp.split(table[None] + temb[:, None], 2, axis=1)  # (B, 1, D) each
+        h = layers.LayerNorm(self.eps, use_affine=False, name="norm_out")(h) * (1 + scale) + shift
+        out = layers.Dense(
+            pt * ph * pw * out_ch, axes=("embed", None), kernel_init=nn.initializers.zeros_init(), name="proj_out", **kw
+        )(h.astype(self.dtype))
+        out = out.reshape(b, gt, gh, gw, pt, ph, pw, out_ch).transpose(0, 1, 4, 2, 5, 3, 6, 7)
+        return out.reshape(b, nt, nh, nw, out_ch).astype(jnp.float32)
+
+
+def count_params(params) -> int:
+    """Total number of parameter scalars in a (possibly boxed) pytree."""
+    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(nn.meta.unbox(params))))
