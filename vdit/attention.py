@@ -17,10 +17,14 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from vdit import layers
 
 BACKENDS = ("xla", "chunked", "cudnn", "splash")
 _PLATFORM_OF = {"cudnn": "gpu", "splash": "tpu"}
@@ -92,6 +96,52 @@ def _xla_attention(q, k, v, mask):
         s = jnp.where(mask[:, None, None, :], s, _MASK_VALUE)
     p = jax.nn.softmax(s, axis=-1)
     return jnp.einsum("bhqk,bkhd->bqhd", p.astype(v.dtype), v, preferred_element_type=jnp.float32).astype(q.dtype)
+
+
+class MultiHeadAttention(nn.Module):
+    """Multi-head self- or cross-attention layer with optional q/k RMSNorm and RoPE.
+
+    q/k/v kernels are ``(embed, heads)`` and the output kernel ``(heads, embed)``,
+    ``heads`` being the flattened ``num_heads * head_dim``.
+
+    Attributes:
+      num_heads: attention heads; the width must divide evenly.
+      qk_norm: RMSNorm on q and k across all heads (Wan2.1's ``rms_norm_across_heads``).
+      eps: epsilon of the q/k norms.
+      impl: backend of ``attention``.
+    """
+
+    num_heads: int
+    qk_norm: bool = False
+    eps: float = 1e-6
+    impl: str = "xla"
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, context=None, mask=None, angles=None):
+        """Attends from ``x (B, S, D)`` to ``context (B, L, D')`` (``x`` itself when None).
+
+        ``mask (B, L)`` marks the keys that may be attended; ``angles (S, head_dim/2)``
+        applies RoPE to q and k (self-attention only).
+        """
+        b, s, d = x.shape
+        head_dim = d // self.num_heads
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        src = x if context is None else context
+        q = layers.Dense(d, axes=("embed", "heads"), name="q", **kw)(x)
+        k = layers.Dense(d, axes=("embed", "heads"), name="k", **kw)(src)
+        v = layers.Dense(d, axes=("embed", "heads"), name="v", **kw)(src)
+        if self.qk_norm:
+            q = layers.RMSNorm(self.eps, axis_name="heads", param_dtype=self.param_dtype, name="q_norm")(q)
+            k = layers.RMSNorm(self.eps, axis_name="heads", param_dtype=self.param_dtype, name="k_norm")(k)
+        q = q.reshape(b, s, self.num_heads, head_dim)
+        k = k.reshape(b, src.shape[1], self.num_heads, head_dim)
+        v = v.reshape(b, src.shape[1], self.num_heads, head_dim)
+        if angles is not None:
+            q, k = apply_rope(q, angles), apply_rope(k, angles)
+        o = attention(q, k, v, mask, impl=self.impl).reshape(b, s, d)
+        return layers.Dense(d, axes=("heads", "embed"), name="out", **kw)(o)
 
 
 # ----------------------------------------------------------------------------- chunked

@@ -22,9 +22,8 @@ import flax.linen as nn
 import numpy as np
 
 from vdit import layers
-from vdit.attention import apply_rope, attention, rope_angles_3d
+from vdit.attention import MultiHeadAttention, rope_angles_3d
 
-ACT = ("act_batch", "act_seq", "act_embed")
 REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -62,37 +61,6 @@ def check_latents(shape: tuple[int, ...], channels: int, patch_size: tuple[int, 
             )
 
 
-class Attention(nn.Module):
-    """Multi-head self- or cross-attention with optional q/k RMSNorm and RoPE."""
-
-    num_heads: int
-    qk_norm: bool = True
-    eps: float = 1e-6
-    impl: str = "xla"
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x, context=None, mask=None, angles=None):
-        b, s, d = x.shape
-        head_dim = d // self.num_heads
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        src = x if context is None else context
-        q = layers.Dense(d, axes=("embed", "heads"), name="q", **kw)(x)
-        k = layers.Dense(d, axes=("embed", "heads"), name="k", **kw)(src)
-        v = layers.Dense(d, axes=("embed", "heads"), name="v", **kw)(src)
-        if self.qk_norm:  # Wan normalises across all heads at once.
-            q = layers.RMSNorm(self.eps, axis_name="heads", name="q_norm")(q)
-            k = layers.RMSNorm(self.eps, axis_name="heads", name="k_norm")(k)
-        q = q.reshape(b, s, self.num_heads, head_dim)
-        k = k.reshape(b, src.shape[1], self.num_heads, head_dim)
-        v = v.reshape(b, src.shape[1], self.num_heads, head_dim)
-        if angles is not None:
-            q, k = apply_rope(q, angles), apply_rope(k, angles)
-        o = attention(q, k, v, mask, impl=self.impl).reshape(b, s, d)
-        return layers.Dense(d, axes=("heads", "embed"), name="out", **kw)(o)
-
-
 class DiTBlock(nn.Module):
     """adaLN-Zero transformer block: self-attention, text cross-attention, MLP."""
 
@@ -110,7 +78,7 @@ class DiTBlock(nn.Module):
         # x (B, S, D) float32 residual stream; mod (B, 6, D) shared timestep modulation.
         d = x.shape[-1]
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        attn = functools.partial(Attention, self.num_heads, self.qk_norm, self.eps, self.attention_impl, **kw)
+        attn = functools.partial(MultiHeadAttention, self.num_heads, self.qk_norm, self.eps, self.attention_impl, **kw)
         table = self.param(
             "modulation", layers.partitioned(nn.initializers.zeros_init(), (None, "embed")), (6, d), self.param_dtype
         )
@@ -126,7 +94,7 @@ class DiTBlock(nn.Module):
         norm = layers.LayerNorm(self.eps, use_affine=False, name="norm3")(x)
         h = (norm * (1 + c_scale) + c_shift).astype(self.dtype)
         x = x + layers.MLP(self.mlp_dim, activation="gelu_tanh", name="mlp", **kw)(h).astype(jnp.float32) * c_gate
-        return layers.constrain(x, ACT)
+        return layers.constrain(x, layers.ACT)
 
 
 class _ScanBlock(nn.Module):
@@ -219,7 +187,7 @@ class DiT(nn.Module):
         p = x.reshape(b, gt, pt, gh, ph, gw, pw, c).transpose(0, 1, 3, 5, 2, 4, 6, 7)
         p = p.reshape(b, gt * gh * gw, pt * ph * pw * c)
         h = layers.Dense(d, axes=(None, "embed"), name="patch_embed", **kw)(p).astype(jnp.float32)
-        h = layers.constrain(h, ACT)
+        h = layers.constrain(h, layers.ACT)
 
         # Timestep conditioning stays in f32: it sets every modulation of every block.
         temb = timestep_embedding(t * self.timestep_scale, self.freq_dim)

@@ -32,6 +32,8 @@ Dtype = Any
 Initializer = Callable[..., jax.Array]
 
 default_kernel_init = nn.initializers.lecun_normal()
+# Logical names of a transformer's (batch, sequence, width) activations at block boundaries.
+ACT = ("act_batch", "act_seq", "act_embed")
 
 
 def partitioned(init: Initializer, axes: Sequence[str | None]) -> Initializer:
