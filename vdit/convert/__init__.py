@@ -1,1 +1,100 @@
-"""Weight conversion from other implementations (diffusers' Wan2.1) into vdit parameters."""
+"""Weight conversion from diffusers' Wan2.1 into vdit, and the saved format.
+
+``convert_folder(src, out)`` reads a diffusers model folder (``config.json`` and
+``*.safetensors``, sharded or not; no torch needed) holding a
+``WanTransformer3DModel`` or an ``AutoencoderKLWan``, or a pipeline folder with
+``transformer/`` and ``vae/`` subfolders, and writes for each model
+``out/<part>/model.json`` (the vdit class and constructor arguments) and
+``out/<part>/params`` (an Orbax checkpoint). ``load_converted`` reads one back.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+from typing import Any
+
+import numpy as np
+
+CONVERTERS = {
+    "WanTransformer3DModel": ("transformer", "DiT"),
+    "AutoencoderKLWan": ("vae", "CausalVAE"),
+}
+
+
+def _read_safetensors(folder: pathlib.Path) -> dict[str, np.ndarray]:
+    from safetensors import safe_open
+
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"no .safetensors files in {folder}; expected diffusers' saved weights there")
+    state = {}
+    for f in files:
+        # The flax framework reads bfloat16 too (numpy alone cannot).
+        with safe_open(str(f), framework="flax") as reader:
+            for key in reader.keys():
+                state[key] = np.asarray(reader.get_tensor(key), np.float32)
+    return state
+
+
+def convert_model_folder(folder: str | pathlib.Path) -> tuple[str, str, dict, Any]:
+    """Converts one diffusers model folder; returns ``(part, class_name, kwargs, params)``."""
+    from vdit.convert import wan_dit, wan_vae
+
+    folder = pathlib.Path(folder)
+    config_path = folder / "config.json"
+    if not config_path.exists():
+        raise ValueError(f"{folder} has no config.json; expected a diffusers model folder")
+    config = json.loads(config_path.read_text())
+    source = config.get("_class_name")
+    if source not in CONVERTERS:
+        raise ValueError(f"{config_path} describes {source!r}; vdit converts {sorted(CONVERTERS)}")
+    state = _read_safetensors(folder)
+    if source == "WanTransformer3DModel":
+        kwargs, params = wan_dit.from_diffusers(state, config)
+    else:
+        kwargs, params = wan_vae.convert_wan_vae(state, config)
+    part, cls = CONVERTERS[source]
+    return part, cls, kwargs, params
+
+
+def convert_folder(src: str | pathlib.Path, out: str | pathlib.Path, *, overwrite: bool = False) -> list[str]:
+    """Converts a diffusers model or pipeline folder into ``out``; returns the parts written.
+
+    Refuses to write into an existing part folder unless ``overwrite``: nothing a user
+    saved is replaced silently.
+    """
+    import orbax.checkpoint as ocp
+
+    src, out = pathlib.Path(src), pathlib.Path(out).absolute()
+    folders = [src] if (src / "config.json").exists() else [src / p for p, _ in CONVERTERS.values() if (src / p).is_dir()]
+    if not folders:
+        raise ValueError(f"{src} holds neither a diffusers model (config.json) nor transformer/ or vae/ subfolders")
+    written = []
+    for folder in folders:
+        part, cls, kwargs, params = convert_model_folder(folder)
+        dest = out / part
+        if dest.exists() and not overwrite:
+            raise ValueError(f"{dest} already exists; pass overwrite=True (--overwrite) to replace it")
+        dest.mkdir(parents=True, exist_ok=True)
+        (dest / "model.json").write_text(json.dumps({"class": cls, "kwargs": kwargs}, indent=2))
+        with ocp.StandardCheckpointer() as ckpt:
+            ckpt.save(dest / "params", params, force=overwrite)
+        written.append(part)
+    return written
+
+
+def load_converted(path: str | pathlib.Path) -> tuple[Any, Any]:
+    """Loads ``out/<part>`` written by ``convert_folder``: returns ``(module, params)``."""
+    import orbax.checkpoint as ocp
+
+    from vdit.dit import DiT
+    from vdit.vae import CausalVAE
+
+    path = pathlib.Path(path).absolute()
+    meta = json.loads((path / "model.json").read_text())
+    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in meta["kwargs"].items()}
+    module = {"DiT": DiT, "CausalVAE": CausalVAE}[meta["class"]](**kwargs)
+    with ocp.StandardCheckpointer() as ckpt:
+        params = ckpt.restore(path / "params")
+    return module, params

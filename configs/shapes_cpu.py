@@ -1,0 +1,18 @@
+"""shapes_cpu: the `vdit demo` models for moving_shapes (17 frames at 32x32) on a 2-core CPU."""
+
+from vdit.configs._base import base_config
+
+
+def get_config(arg=None):
+    """Demo-sized VAE (4x temporal, 4x spatial, 8 channels), text encoder and DiT."""
+    del arg
+    c = base_config()
+    c.data.update(frames=17, resolution=32, batch_size=32)
+    c.vae.update(base_dim=32, z_dim=8, dim_mult=(1, 2, 2), num_res_blocks=1, temporal_downsample=(True, True),
+                 mid_attention=False, latents_mean=None, latents_std=None)
+    c.text.update(max_length=40, width=128, depth=2, num_heads=4, mlp_ratio=2.0)
+    c.dit.update(in_channels=8, width=192, depth=6, num_heads=6, mlp_dim=768, text_dim=128, freq_dim=128)
+    c.train.update(steps=3000, ema_decay=0.999)
+    c.vae_train.update(steps=1500)
+    c.sample.update(sampler="unipc", steps=20, cfg=4.0)
+    return c

@@ -1,0 +1,17 @@
+"""small: one GPU or TPU host; 8x spatial / 4x temporal VAE with 16 channels, ~130M DiT."""
+
+from vdit.configs._base import base_config
+
+
+def get_config(arg=None):
+    """``arg`` picks the resolution: ``small`` (128x128, default) or ``small:256``."""
+    res = int(arg or 128)
+    c = base_config()
+    c.data.update(frames=33, resolution=res, batch_size=32)
+    c.vae.update(base_dim=64, dtype="bfloat16")
+    c.text.update(max_length=128, width=512, depth=6, num_heads=8, dtype="bfloat16")
+    c.dit.update(width=768, depth=12, num_heads=12, mlp_dim=3072, text_dim=512, remat="dots", scan_layers=True,
+                 attention_impl="chunked", dtype="bfloat16")
+    c.schedule.update(shift=3.0)
+    c.train.update(steps=100_000, checkpoint_every=2000, eval_every=2000, log_every=100)
+    return c

@@ -1,0 +1,61 @@
+"""Config loading, overrides with suggestions, and every shipped config builds."""
+
+import subprocess
+import sys
+
+import pytest
+
+from vdit.config import available_configs, load_config, override
+from vdit.models import build_models, param_counts
+
+SHIPPED = ["shapes_cpu", "small", "tiny", "wan2_1_t2v_14b", "wan2_1_t2v_1_3b"]
+
+
+def test_shipped_configs_are_listed_and_build():
+    assert available_configs() == SHIPPED
+    for name in SHIPPED:
+        models = build_models(load_config(name))
+        assert models.dit.in_channels == models.vae.z_dim
+
+
+def test_wan_configs_have_wan_parameter_counts():
+    # Wan2.1's published transformer sizes: 1,418,996,800 and 14,288,491,584 parameters.
+    assert param_counts(build_models(load_config("wan2_1_t2v_1_3b")))["dit"] == 1_418_996_800
+    assert param_counts(build_models(load_config("wan2_1_t2v_14b")))["dit"] == 14_288_491_584
+
+
+def test_load_by_path_with_arg(tmp_path):
+    config = load_config("configs/wan2_1_t2v_14b.py:pod")
+    assert config.mesh.fsdp == 32 and config.mesh.data == -1
+    assert load_config("small:256").data.resolution == 256
+
+
+def test_overrides_parse_types_and_suggest_keys():
+    config = load_config("tiny")
+    override(config, ["optim.lr=2", "dit.patch_size=[1,1,1]", "dit.scan_layers=true", "sample.sampler=euler"])
+    assert config.optim.lr == 2.0 and isinstance(config.optim.lr, float)
+    assert config.dit.patch_size == (1, 1, 1) and config.dit.scan_layers is True
+    with pytest.raises(ValueError, match="unknown config key 'dit.widht'; did you mean 'dit.width'"):
+        override(config, ["dit.widht=3"])
+    with pytest.raises(ValueError, match="is int"):
+        override(config, ["dit.width=wide"])
+    with pytest.raises(ValueError, match="is a section"):
+        override(config, ["dit=3"])
+    with pytest.raises(ValueError, match="did you mean 'tiny'"):
+        load_config("tyni")
+
+
+def test_models_that_do_not_fit_are_rejected():
+    config = override(load_config("tiny"), ["dit.in_channels=8"])
+    with pytest.raises(ValueError, match="dit.in_channels=8 must equal vae.z_dim=4"):
+        build_models(config)
+
+
+def test_cli_info_and_one_line_errors():
+    run = lambda *a: subprocess.run([sys.executable, "-m", "vdit", *a], capture_output=True, text=True)  # noqa: E731
+    ok = run("info", "--config", "tiny", "--config.dit.depth", "3")
+    assert ok.returncode == 0 and "dit" in ok.stdout and "parameters" in ok.stdout
+    bad = run("info", "--config", "tiny", "--config.dit.detph=3")
+    assert bad.returncode == 2
+    assert bad.stderr.strip().splitlines() == ["vdit info: error: unknown config key 'dit.detph'; did you mean 'dit.depth'?"]
+    assert run("--help").returncode == 0 and run("convert", "--help").returncode == 0

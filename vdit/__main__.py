@@ -1,0 +1,7 @@
+"""``python -m vdit`` is the ``vdit`` command."""
+
+import sys
+
+from vdit.cli import main
+
+sys.exit(main())

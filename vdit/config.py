@@ -1,0 +1,117 @@
+"""Loading ml_collections configs by path or name, and command-line overrides.
+
+A config is a Python file with ``get_config(arg=None) -> ConfigDict``. It is named
+either by path (``configs/tiny.py``, ``configs/tiny.py:variant``) or by the bare
+name of a config shipped with vdit (``tiny``, ``wan2_1_t2v_1_3b:pod``), so it works
+after a non-editable install too. Returned configs are locked: assigning a key
+that does not exist is an error that names the closest valid key.
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import importlib
+import importlib.util
+import pathlib
+from typing import Iterable
+
+import ml_collections
+
+
+def available_configs() -> list[str]:
+    """Names of the configs shipped with vdit."""
+    package = importlib.import_module("vdit.configs")
+    return sorted(p.stem for p in pathlib.Path(package.__file__).parent.glob("*.py") if not p.stem.startswith("_"))
+
+
+def load_config(spec: str) -> ml_collections.ConfigDict:
+    """Loads ``path.py[:arg]`` or ``name[:arg]`` and returns the locked config."""
+    name, _, arg = spec.partition(":")
+    path = pathlib.Path(name)
+    if path.suffix == ".py":
+        if not path.exists():
+            raise ValueError(f"config file {name!r} does not exist; shipped configs: {', '.join(available_configs())}")
+        module_spec = importlib.util.spec_from_file_location(f"vdit_config_{path.stem}", path)
+        module = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(module)
+    else:
+        known = available_configs()
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=1, cutoff=0.5)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ValueError(f"unknown config {name!r}{hint} (shipped: {', '.join(known)}; or pass a path to a .py file)")
+        module = importlib.import_module(f"vdit.configs.{name}")
+    config = module.get_config(arg or None)
+    config.lock()
+    return config
+
+
+def _all_keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
+    keys = []
+    for key, value in config.items():
+        keys.append(prefix + key)
+        if isinstance(value, ml_collections.ConfigDict):
+            keys.extend(_all_keys(value, prefix + key + "."))
+    return keys
+
+
+def _parse_value(text: str, current):
+    """Parses an override string into the type of the current value."""
+    if isinstance(current, str):
+        return text
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        value = text
+    if isinstance(current, bool) and isinstance(value, str):
+        lowered = value.lower()
+        if lowered in ("true", "false"):
+            return lowered == "true"
+    if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(current, tuple) and isinstance(value, list):
+        return tuple(value)
+    return value
+
+
+def override(config: ml_collections.ConfigDict, assignments: Iterable[str]) -> ml_collections.ConfigDict:
+    """Applies ``a.b.c=value`` assignments in place; unknown keys fail with a suggestion.
+
+    Values are parsed as Python literals and must keep the type of the current value
+    (ints widen to floats); strings are taken as they are.
+    """
+    for assignment in assignments:
+        key, sep, text = assignment.partition("=")
+        key = key.strip().removeprefix("--").removeprefix("config.")
+        if not sep:
+            raise ValueError(f"override {assignment!r} must look like key.sub=value")
+        *parents, leaf = key.split(".")
+        node = config
+        for part in parents:
+            node = node.get(part) if isinstance(node, ml_collections.ConfigDict) else None
+            if node is None:
+                break
+        if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
+            close = difflib.get_close_matches(key, _all_keys(config), n=1, cutoff=0.5)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ValueError(f"unknown config key {key!r}{hint}")
+        current = node[leaf]
+        if isinstance(current, ml_collections.ConfigDict):
+            raise ValueError(f"config key {key!r} is a section; set one of its fields, e.g. {key}.{next(iter(current))}")
+        value = _parse_value(text, current)
+        try:
+            node[leaf] = value
+        except TypeError as e:
+            raise ValueError(
+                f"config key {key!r} is {type(current).__name__} ({current!r}); cannot set it to {value!r}"
+            ) from e
+    return config
+
+
+def to_kwargs(section: ml_collections.ConfigDict) -> dict:
+    """A config section as plain constructor kwargs (lists become tuples)."""
+    out = {}
+    for key, value in section.to_dict().items():
+        out[key] = tuple(value) if isinstance(value, list) else value
+    return out

@@ -1,0 +1,127 @@
+"""Device meshes and logical-axis sharding.
+
+vdit names every parameter and activation axis logically (``embed``, ``mlp``,
+``act_batch``, ...; see ``vdit.layers``). One rules table maps those names onto the
+four mesh axes:
+
+=========  =====================================================================
+``data``   pure data parallelism: the batch is split, parameters are replicated
+``fsdp``   the batch is split and parameters/optimizer state are sharded (ZeRO-3)
+``context``the token sequence is split (sequence-parallel attention)
+``tensor`` weights are split along heads / MLP width (tensor parallelism)
+=========  =====================================================================
+
+The same code runs on one CPU (every axis 1) and on a pod; only the mesh changes.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping, Sequence
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "context", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+# Logical name -> mesh axis (or axes, or None = replicated).
+DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
+    ("act_batch", BATCH_AXES),
+    ("act_seq", "context"),
+    ("act_embed", None),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("vocab", None),
+    ("conv_in", None),
+    ("conv_out", "fsdp"),
+    ("norm", None),
+    ("layers", None),
+)
+
+
+def resolve_mesh_shape(shape: Mapping[str, int] | Sequence[int], num_devices: int) -> tuple[int, ...]:
+    """Resolves a mesh shape (at most one ``-1``) against the device count.
+
+    Raises a one-line ValueError when the mesh does not use exactly ``num_devices``.
+    """
+    if isinstance(shape, Mapping):
+        unknown = set(shape) - set(MESH_AXES)
+        if unknown:
+            raise ValueError(f"unknown mesh axes {sorted(unknown)}; expected a subset of {MESH_AXES}")
+        dims = [int(shape.get(a, 1)) for a in MESH_AXES]
+    else:
+        dims = [int(d) for d in shape]
+        if len(dims) != len(MESH_AXES):
+            raise ValueError(f"mesh shape needs {len(MESH_AXES)} entries {MESH_AXES}, got {tuple(dims)}")
+    if dims.count(-1) > 1 or any(d == 0 or d < -1 for d in dims):
+        raise ValueError(f"mesh shape {_fmt(dims)}: use positive sizes and at most one -1")
+    if -1 in dims:
+        rest = math.prod(d for d in dims if d != -1)
+        if num_devices % rest:
+            raise ValueError(f"mesh {_fmt(dims)} cannot fill {num_devices} devices: {num_devices} is not divisible by {rest}")
+        dims[dims.index(-1)] = num_devices // rest
+    if math.prod(dims) != num_devices:
+        raise ValueError(
+            f"mesh {_fmt(dims)} uses {math.prod(dims)} devices but {num_devices} are available; "
+            f"make the product of the mesh axes equal {num_devices} (or set one axis to -1)"
+        )
+    return tuple(dims)
+
+
+def _fmt(dims) -> str:
+    return " x ".join(f"{a}={d}" for a, d in zip(MESH_AXES, dims))
+
+
+def make_mesh(shape: Mapping[str, int] | Sequence[int], devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """Builds a ``(data, fsdp, context, tensor)`` mesh over all (or the given) devices.
+
+    Axis types are ``Auto`` so GSPMD propagates shardings from our constraints (newer
+    JAX defaults to ``Explicit``).
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    dims = resolve_mesh_shape(shape, len(devices))
+    if len(devices) == len(jax.devices()):
+        return jax.make_mesh(dims, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+    return Mesh(np.asarray(devices).reshape(dims), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def rules_from_config(rules: Any) -> tuple[tuple[str, Any], ...]:
+    """Normalises a rules table from a config (list of pairs or mapping) to a tuple of pairs."""
+    items = rules.items() if isinstance(rules, Mapping) else rules
+    out = []
+    for name, axes in items:
+        if isinstance(axes, (list, tuple)):
+            axes = tuple(axes) or None
+        bad = [a for a in (axes if isinstance(axes, tuple) else (axes,)) if a is not None and a not in MESH_AXES]
+        if bad:
+            raise ValueError(f"sharding rule {name!r} -> {axes!r} names unknown mesh axes {bad}; expected {MESH_AXES}")
+        out.append((str(name), axes))
+    return tuple(out)
+
+
+def logical_to_sharding(tree: Any, mesh: Mesh, rules: Sequence[tuple[str, Any]]) -> Any:
+    """Maps a pytree of logical ``PartitionSpec``s (or boxed values) to ``NamedSharding``s."""
+    specs = nn.get_partition_spec(tree)
+    return nn.logical_to_mesh_sharding(specs, mesh, list(rules))
+
+
+def batch_sharding(mesh: Mesh, ndim: int, seq_axis: int | None = None) -> NamedSharding:
+    """Sharding of an ``ndim`` batch array: axis 0 over ``data x fsdp`` (optionally a sequence axis on ``context``)."""
+    spec = [BATCH_AXES] + [None] * (ndim - 1)
+    if seq_axis is not None:
+        spec[seq_axis] = "context"
+    return NamedSharding(mesh, P(*spec))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    """A fully replicated sharding on ``mesh``."""
+    return NamedSharding(mesh, P())
+
+
+def batch_divisor(mesh: Mesh) -> int:
+    """The global batch must be a multiple of this (the product of the batch axes)."""
+    return mesh.shape["data"] * mesh.shape["fsdp"]
