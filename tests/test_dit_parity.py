@@ -9,7 +9,7 @@ import pytest
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
-from vdit.convert.wan_dit import from_diffusers  # noqa: E402
+from vdit.convert.wan_dit import convert_wan_dit  # noqa: E402
 from vdit.dit import DiT, count_params  # noqa: E402
 
 # diffusers' own test size for WanTransformer3DModel, then ours: non-square, odd frame
@@ -53,7 +53,7 @@ def test_wan_transformer_parity(case, scan):
     with torch.no_grad():
         ref = wan(x, t, text, return_dict=False)[0].numpy()
 
-    kwargs, params = from_diffusers(wan, scan_layers=scan)
+    kwargs, params = convert_wan_dit(wan, scan_layers=scan)
     dit = DiT(**kwargs, scan_layers=scan)
     out = jax.jit(dit.apply)(
         {"params": params}, jnp.asarray(x.numpy().transpose(0, 2, 3, 4, 1)), jnp.asarray(t.numpy() / 1000.0),
@@ -76,9 +76,9 @@ def test_converter_rejects_incomplete_and_foreign_checkpoints():
     state = dict(wan.state_dict())
     missing = {k: v for k, v in state.items() if k != "blocks.1.attn2.to_k.weight"}
     with pytest.raises(ValueError, match="missing 'blocks.1.attn2.to_k.weight'"):
-        from_diffusers(missing, DIFFUSERS_TEST)
+        convert_wan_dit(missing, DIFFUSERS_TEST)
     extra = dict(state, **{"blocks.2.attn1.to_q.weight": state["blocks.0.attn1.to_q.weight"]})
     with pytest.raises(ValueError, match="1 unexpected keys"):
-        from_diffusers(extra, DIFFUSERS_TEST)
+        convert_wan_dit(extra, DIFFUSERS_TEST)
     with pytest.raises(ValueError, match="image_dim"):
-        from_diffusers(state, dict(DIFFUSERS_TEST, image_dim=1280))
+        convert_wan_dit(state, dict(DIFFUSERS_TEST, image_dim=1280))

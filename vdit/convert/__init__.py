@@ -51,7 +51,7 @@ def convert_model_folder(folder: str | pathlib.Path) -> tuple[str, str, dict, An
         raise ValueError(f"{config_path} describes {source!r}; vdit converts {sorted(CONVERTERS)}")
     state = _read_safetensors(folder)
     if source == "WanTransformer3DModel":
-        kwargs, params = wan_dit.from_diffusers(state, config)
+        kwargs, params = wan_dit.convert_wan_dit(state, config)
     else:
         kwargs, params = wan_vae.convert_wan_vae(state, config)
     part, cls = CONVERTERS[source]

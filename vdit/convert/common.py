@@ -9,7 +9,7 @@ import numpy as np
 
 def as_numpy(x: Any) -> np.ndarray:
     """A torch tensor (any dtype, any device) or array as a float32 numpy array."""
-    if hasattr(x, "detach"):
+    if hasattr(x, "detach"):  # a torch tensor; bf16 has no numpy path, so cast in torch
         x = x.detach().float().cpu().numpy()
     return np.asarray(x, np.float32)
 

@@ -3,7 +3,7 @@
 Works from a live diffusers model or from its ``state_dict`` plus config dict, so a
 ``.safetensors`` checkpoint can be converted without building the torch model::
 
-    kwargs, params = from_diffusers(state_dict, config)
+    kwargs, params = convert_wan_dit(state_dict, config)
     model = DiT(**kwargs)
     out = model.apply({"params": params}, x, t, text)
 
@@ -48,7 +48,7 @@ def dit_kwargs_from_config(config: Mapping[str, Any]) -> dict:
     )
 
 
-def from_diffusers(model_or_state_dict, config: Mapping[str, Any] | None = None, *, scan_layers: bool = False):
+def convert_wan_dit(model_or_state_dict, config: Mapping[str, Any] | None = None, *, scan_layers: bool = False):
     """Converts a Wan2.1 transformer into ``(DiT kwargs, params)``.
 
     Args:
@@ -66,7 +66,7 @@ def from_diffusers(model_or_state_dict, config: Mapping[str, Any] | None = None,
         state = model_or_state_dict.state_dict()
     else:
         if config is None:
-            raise ValueError("from_diffusers(state_dict, config): the Wan transformer config is required")
+            raise ValueError("convert_wan_dit(state_dict, config): the Wan transformer config is required")
         state = model_or_state_dict
     kwargs = dit_kwargs_from_config(config)
     src = KeyTracker({k: as_numpy(v) for k, v in state.items()}, ignore=("norm_added_q",))

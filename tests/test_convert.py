@@ -1,0 +1,72 @@
+"""`vdit convert` on a diffusers pipeline folder (safetensors, bf16 and f32) without torch in the loop."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+diffusers = pytest.importorskip("diffusers")
+
+from vdit.cli import main  # noqa: E402
+from vdit.convert import load_converted  # noqa: E402
+from vdit.vae import CausalVAE  # noqa: E402
+
+DIT = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=4,
+           text_dim=16, freq_dim=32, ffn_dim=32, num_layers=2, rope_max_seq_len=32)
+VAE = dict(base_dim=8, z_dim=4, dim_mult=[1, 2, 2], num_res_blocks=1, temperal_downsample=[True, True],
+           latents_mean=[0.1, -0.2, 0.3, 0.0], latents_std=[1.5, 2.0, 0.5, 1.0])
+
+
+@pytest.fixture(scope="module")
+def pipeline_folder(tmp_path_factory):
+    torch.manual_seed(0)
+    root = tmp_path_factory.mktemp("wan")
+    dit = diffusers.WanTransformer3DModel(**DIT).eval()
+    vae = diffusers.AutoencoderKLWan(**VAE).eval()
+    dit.save_pretrained(root / "transformer")
+    vae.save_pretrained(root / "vae")
+    return root, dit, vae
+
+
+def test_convert_cli_round_trip(pipeline_folder, tmp_path, capsys):
+    root, dit, vae = pipeline_folder
+    out = tmp_path / "converted"
+    assert main(["convert", "--src", str(root), "--out", str(out)]) == 0
+    assert "transformer" in capsys.readouterr().out
+
+    module, params = load_converted(out / "transformer")
+    x, t, text = torch.randn(1, 4, 3, 8, 12), torch.tensor([700.0]), torch.randn(1, 5, 16)
+    with torch.no_grad():
+        ref = dit(x, t, text, return_dict=False)[0].numpy()
+    got = module.apply({"params": params}, jnp.asarray(x.numpy().transpose(0, 2, 3, 4, 1)), jnp.asarray([0.7]),
+                       jnp.asarray(text.numpy()))
+    assert np.abs(np.asarray(got).transpose(0, 4, 1, 2, 3) - ref).max() <= 1e-4
+
+    module, params = load_converted(out / "vae")
+    assert isinstance(module, CausalVAE) and module.latents_std == (1.5, 2.0, 0.5, 1.0)
+    video = torch.rand(1, 3, 5, 16, 16) * 2 - 1
+    with torch.no_grad():
+        ref = vae.encode(video).latent_dist.mean.numpy()
+    got = module.apply({"params": params}, jnp.asarray(video.numpy().transpose(0, 2, 3, 4, 1)), normalize=False,
+                       method=CausalVAE.encode)
+    assert np.abs(np.asarray(got.mean).transpose(0, 4, 1, 2, 3) - ref).max() <= 1e-3
+
+    # Converting again into the same folder must not silently replace the user's files.
+    assert main(["convert", "--src", str(root), "--out", str(out)]) == 2
+    assert "already exists" in capsys.readouterr().err
+
+
+def test_bf16_checkpoint_converts(pipeline_folder, tmp_path):
+    root, dit, _ = pipeline_folder
+    dit16 = diffusers.WanTransformer3DModel(**DIT).to(torch.bfloat16)
+    dit16.load_state_dict({k: v.to(torch.bfloat16) for k, v in dit.state_dict().items()})
+    dit16.save_pretrained(tmp_path / "bf16")
+    assert main(["convert", "--src", str(tmp_path / "bf16"), "--out", str(tmp_path / "out")]) == 0
+    _, params = load_converted(tmp_path / "out" / "transformer")
+    want = dit16.state_dict()["blocks.0.attn1.to_q.weight"].float().numpy().T
+    np.testing.assert_array_equal(params["blocks_0"]["self_attn"]["q"]["linear"]["kernel"], want)
+
+
+def test_not_a_diffusers_folder(tmp_path, capsys):
+    assert main(["convert", "--src", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+    assert "neither a diffusers model" in capsys.readouterr().err
