@@ -16,6 +16,7 @@ The same code runs on one CPU (every axis 1) and on a pod; only the mesh changes
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any, Mapping, Sequence
 
@@ -91,7 +92,7 @@ def make_mesh(shape: Mapping[str, int] | Sequence[int], devices: Sequence[jax.De
 
 def rules_from_config(rules: Any) -> tuple[tuple[str, Any], ...]:
     """Normalises a rules table from a config (list of pairs or mapping) to a tuple of pairs."""
-    items = rules.items() if isinstance(rules, Mapping) else rules
+    items = rules.items() if hasattr(rules, "items") else rules  # Mapping or ConfigDict
     out = []
     for name, axes in items:
         if isinstance(axes, (list, tuple)):
@@ -125,3 +126,15 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def batch_divisor(mesh: Mesh) -> int:
     """The global batch must be a multiple of this (the product of the batch axes)."""
     return mesh.shape["data"] * mesh.shape["fsdp"]
+
+
+@contextlib.contextmanager
+def activation_sharding(mesh: Mesh, rules: Sequence[tuple[str, Any]]):
+    """Context in which model code's ``layers.constrain`` calls shard activations.
+
+    Both the mesh (``jax.set_mesh``) and the logical rules must be in scope while a
+    function is traced; outside it the constraints are no-ops.
+    """
+    set_mesh = getattr(jax, "set_mesh", None) or jax.sharding.use_mesh
+    with set_mesh(mesh), nn.logical_axis_rules(list(rules)):
+        yield
