@@ -15,10 +15,9 @@ def _cmd_info(args: argparse.Namespace) -> None:
     """Prints the parameter count of each model of a config (shapes only; nothing is allocated)."""
     import jax
 
-    from vdit.config import load_config, override
     from vdit.models import build_models, param_counts
 
-    config = override(load_config(args.config), args.overrides)
+    config = _load(args)
     counts = param_counts(build_models(config))
     print(f"config {args.config} ({jax.device_count()} {jax.default_backend()} devices)")
     for name, count in counts.items():
@@ -34,6 +33,75 @@ def _cmd_convert(args: argparse.Namespace) -> None:
         print(f"wrote {args.out}/{part} (model.json + Orbax params)")
 
 
+def _load(args: argparse.Namespace):
+    from vdit.config import load_config, override
+
+    return override(load_config(args.config), args.overrides)
+
+
+def _init_distributed(args: argparse.Namespace) -> None:
+    """Joins a multi-process run (TPU pod, GPU cluster, or CPU processes on one machine)."""
+    if not args.distributed:
+        return
+    import jax
+
+    if args.coordinator and jax.default_backend() == "cpu":
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    kwargs = {}
+    if args.coordinator:
+        kwargs = dict(coordinator_address=args.coordinator, num_processes=args.num_processes,
+                      process_id=args.process_id)
+    jax.distributed.initialize(**kwargs)  # with no arguments, TPU pods and SLURM/MPI are detected
+
+
+def _cmd_train(args: argparse.Namespace) -> None:
+    """Trains the VAE, then the text encoder and DiT on its latents; resumes from the latest checkpoints."""
+    _init_distributed(args)
+    from vdit.loop import train
+
+    config = _load(args)
+    phases = ("vae", "dit") if args.phase == "all" else (args.phase,)
+    for phase in phases:
+        summary = train(config, args.workdir, phase, progress=not args.no_progress)
+        if summary["status"] != "done":
+            return
+
+
+def _cmd_sample(args: argparse.Namespace) -> None:
+    """Generates videos for prompts from a workdir's checkpoints (EMA weights by default)."""
+    from vdit.sample import generate, load_pipeline, save_samples
+
+    pipe = load_pipeline(args.workdir, ema=not args.no_ema)
+    videos = generate(pipe, args.prompt, num_per_prompt=args.num, steps=args.steps, sampler=args.sampler,
+                      cfg=args.cfg, seed=args.seed, negative_prompt=args.negative_prompt)
+    out = args.out or f"{args.workdir}/samples"
+    paths = save_samples(videos, args.prompt, out, num_per_prompt=args.num)
+    print(f"wrote {len(paths['mp4'])} videos (mp4 + gif), {paths['grid']} and {paths['contact_sheet']}")
+
+
+def _cmd_prepare(args: argparse.Namespace) -> None:
+    """Builds a dataset once into DATA_DIR so training reads it fast (never downloads)."""
+    if args.dataset == "moving_shapes":
+        from vdit.data.moving_shapes import prepare_moving_shapes
+
+        name = prepare_moving_shapes(args.data_dir, frames=args.frames, resolution=args.resolution,
+                                     num_train=args.num_train)
+    else:
+        from vdit.data.folder import prepare_folder
+
+        if not args.src or not args.name:
+            raise ValueError("vdit prepare folder needs --src DIR (your videos) and --name NAME")
+        name = prepare_folder(args.src, args.name, args.data_dir, frames=args.frames, resolution=args.resolution,
+                              fps=args.fps, stride=args.stride)
+    print(f"prepared {name}")
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, help="config name (tiny, shapes_cpu, small, ...) or path.py[:arg]")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="config overrides: --config.optim.lr=1e-4 or optim.lr=1e-4")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``vdit`` command."""
     parser = argparse.ArgumentParser(
@@ -43,9 +111,47 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    train = sub.add_parser("train", help="train the VAE and the DiT (resumes)", description=_cmd_train.__doc__)
+    _add_config_args(train)
+    train.add_argument("--workdir", required=True, help="run folder: checkpoints, metrics, samples")
+    train.add_argument("--phase", choices=("all", "vae", "dit"), default="all", help="what to train (default: all)")
+    train.add_argument("--no_progress", action="store_true", help="no progress bar")
+    train.add_argument("--distributed", action="store_true",
+                       help="multi-process run: call jax.distributed.initialize() (auto-detects TPU pods/SLURM)")
+    train.add_argument("--coordinator", help="host:port of process 0 (with --distributed, when not auto-detected)")
+    train.add_argument("--num_processes", type=int, help="number of processes (with --coordinator)")
+    train.add_argument("--process_id", type=int, help="this process's index (with --coordinator)")
+    train.set_defaults(func=_cmd_train)
+
+    sample = sub.add_parser("sample", help="generate videos from a trained workdir", description=_cmd_sample.__doc__)
+    sample.add_argument("--workdir", required=True, help="a workdir trained by vdit train")
+    sample.add_argument("--prompt", required=True, action="append", help="a prompt (repeat for several)")
+    sample.add_argument("--num", type=int, default=1, help="videos per prompt (default 1)")
+    sample.add_argument("--steps", type=int, help="sampler steps (default: config sample.steps)")
+    sample.add_argument("--sampler", choices=("euler", "heun", "dpmpp_2m", "unipc", "ddim"),
+                        help="sampler (default: config sample.sampler)")
+    sample.add_argument("--cfg", type=float, help="classifier-free guidance scale (default: config sample.cfg)")
+    sample.add_argument("--negative_prompt", help="prompt to guide away from (default: the empty prompt)")
+    sample.add_argument("--seed", type=int, help="noise seed (default: config sample.seed)")
+    sample.add_argument("--out", help="output folder (default: WORKDIR/samples)")
+    sample.add_argument("--no_ema", action="store_true", help="use the raw weights instead of their EMA")
+    sample.set_defaults(func=_cmd_sample)
+
+    prepare = sub.add_parser("prepare", help="build a dataset (moving_shapes or a folder of your videos)",
+                             description=_cmd_prepare.__doc__)
+    prepare.add_argument("dataset", choices=("moving_shapes", "folder"))
+    prepare.add_argument("--data_dir", help="dataset root (default $VDIT_DATA_DIR or ~/vdit_data)")
+    prepare.add_argument("--frames", type=int, default=17, help="frames per clip, 1 + 4k (default 17)")
+    prepare.add_argument("--resolution", type=int, default=32, help="frame size in pixels (default 32)")
+    prepare.add_argument("--num_train", type=int, default=20000, help="moving_shapes training clips")
+    prepare.add_argument("--src", help="folder: your videos (.mp4 .webm .gif .mov) with captions")
+    prepare.add_argument("--name", help="folder: dataset name (train with data.name=folder:NAME)")
+    prepare.add_argument("--fps", type=float, help="folder: sample frames at this rate")
+    prepare.add_argument("--stride", type=int, help="folder: take every Nth frame")
+    prepare.set_defaults(func=_cmd_prepare)
+
     info = sub.add_parser("info", help="parameter counts of a config's models", description=_cmd_info.__doc__)
-    info.add_argument("--config", required=True, help="config name (e.g. tiny, small) or path.py[:arg]")
-    info.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. dit.depth=4")
+    _add_config_args(info)
     info.set_defaults(func=_cmd_info)
 
     convert = sub.add_parser(

@@ -1,0 +1,143 @@
+"""Generation: prompts -> text tokens -> sampled latents -> decoded frames -> files.
+
+``generate`` runs one compiled function per (sampler, steps, shapes): text encoding,
+the whole sampler loop with the conditional and unconditional passes batched
+together, and the VAE decode. Noise for sample ``i`` comes from
+``fold_in(PRNGKey(seed), i)``, so a sample does not depend on what else is in the batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import pathlib
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from vdit import media
+from vdit.models import Models
+from vdit.samplers import classifier_free_guidance, sample
+from vdit.sharding import batch_divisor, batch_sharding, make_mesh, replicated
+from vdit.vae import CausalVAE
+
+
+@dataclasses.dataclass
+class Pipeline:
+    """Everything ``generate`` needs: models, their parameters and the run's config."""
+
+    models: Models
+    params: dict  # {"vae": ..., "text": ..., "dit": ...}
+    config: ml_collections.ConfigDict
+
+
+def latent_shape(pipe: Pipeline, frames: int, resolution: int | tuple[int, int]) -> tuple[int, ...]:
+    """Latent shape ``(t, h, w, c)`` of a clip of ``frames`` at ``resolution`` (checked)."""
+    h, w = (resolution, resolution) if isinstance(resolution, int) else tuple(resolution)
+    return pipe.models.vae.latent_shape((1, frames, h, w, pipe.models.vae.in_channels))[1:]
+
+
+@functools.partial(jax.jit, static_argnames=("models", "sampler", "steps", "guided"))
+def _generate(params, ids, mask, uncond_ids, uncond_mask, noise, scale, *, models, sampler, steps, guided):
+    emb = models.text.apply(params["text"], ids, mask)
+    uncond = (models.text.apply(params["text"], uncond_ids, uncond_mask), uncond_mask)
+
+    def model_fn(x, t, context):
+        return models.dit.apply({"params": params["dit"]}, x, t, *context)
+
+    denoise = classifier_free_guidance(model_fn, (emb, mask), uncond, scale if guided else 1.0)
+    z = sample(denoise, noise, schedule=models.schedule, sampler=sampler, num_steps=steps)
+    return models.vae.apply({"params": params["vae"]}, z, method=CausalVAE.decode)
+
+
+def generate(
+    pipe: Pipeline,
+    prompts: str | Sequence[str],
+    *,
+    num_per_prompt: int = 1,
+    steps: int | None = None,
+    sampler: str | None = None,
+    cfg: float | None = None,
+    seed: int | None = None,
+    negative_prompt: str | None = None,
+    frames: int | None = None,
+    resolution: int | tuple[int, int] | None = None,
+    mesh=None,
+) -> np.ndarray:
+    """Samples videos for ``prompts``; returns uint8 ``(len(prompts) * num_per_prompt, T, H, W, 3)``.
+
+    Unset options come from the config's ``sample`` and ``data`` sections. The batch
+    is split over the mesh's data axes (padded to a multiple of them).
+    """
+    from vdit.text import as_prompt_list
+
+    s = pipe.config.sample
+    steps, sampler = steps or s.steps, sampler or s.sampler
+    cfg = s.cfg if cfg is None else cfg
+    seed = s.seed if seed is None else seed
+    negative_prompt = s.negative_prompt if negative_prompt is None else negative_prompt
+    shape = latent_shape(pipe, frames or pipe.config.data.frames, resolution or pipe.config.data.resolution)
+
+    prompts = [p for p in as_prompt_list(prompts) for _ in range(num_per_prompt)]
+    n = len(prompts)
+    mesh = mesh or make_mesh({"data": 1}, jax.devices()[:1])
+    padded = -(-n // batch_divisor(mesh)) * batch_divisor(mesh)
+    ids, mask = pipe.models.text.tokenize(prompts + [""] * (padded - n))
+    uncond_ids, uncond_mask = pipe.models.text.tokenize([negative_prompt])
+    base = jax.random.PRNGKey(seed)
+    noise = jnp.stack([jax.random.normal(jax.random.fold_in(base, i), shape) for i in range(padded)])
+
+    put = lambda x: jax.device_put(x, batch_sharding(mesh, np.ndim(x)))  # noqa: E731
+    params = jax.device_put(pipe.params, replicated(mesh))
+    video = _generate(
+        params, put(ids), put(mask), uncond_ids, uncond_mask, put(noise), jnp.float32(cfg),
+        models=pipe.models, sampler=sampler, steps=int(steps), guided=cfg != 1.0,
+    )
+    return media.to_uint8(np.asarray(jax.device_get(video))[:n])
+
+
+def save_samples(videos: np.ndarray, prompts: Sequence[str], out_dir: str | pathlib.Path, *, num_per_prompt: int = 1,
+                 fps: int = 8) -> dict:
+    """Writes ``generate``'s output as mp4/gif per sample, a GIF grid and a PNG contact sheet."""
+    from vdit.text import as_prompt_list
+
+    names = [f"{i:03d}_{media.slug(p)}_s{j}" for i, p in enumerate(as_prompt_list(prompts)) for j in range(num_per_prompt)]
+    return media.write_all(out_dir, videos, names, fps=fps)
+
+
+def init_params(models: Models, config: ml_collections.ConfigDict, key: jax.Array) -> dict[str, Any]:
+    """Fresh (untrained) parameters of all three models, unboxed; for tests and notebooks."""
+    import flax.linen as nn
+
+    from vdit.train import init_dit_params, init_vae_params
+
+    k_vae, k_rest = jax.random.split(key)
+    return nn.meta.unbox({"vae": init_vae_params(models, config)(k_vae), **init_dit_params(models, config)(k_rest)})
+
+
+def config_from_workdir(workdir: str | pathlib.Path, phase: str = "dit") -> ml_collections.ConfigDict:
+    """The config a workdir's phase was trained with (saved as ``W/<phase>/config.json``)."""
+    import json
+
+    path = pathlib.Path(workdir) / phase / "config.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found; is {workdir} a workdir trained with `vdit train`?")
+    return ml_collections.ConfigDict(json.loads(path.read_text()))
+
+
+def load_pipeline(workdir: str | pathlib.Path, *, ema: bool = True, mesh=None) -> Pipeline:
+    """Models and trained parameters of a workdir (DiT and text encoder EMA weights by default)."""
+    from vdit.loop import load_params
+    from vdit.models import build_models
+    from vdit.sharding import rules_from_config
+
+    config = config_from_workdir(workdir)
+    models = build_models(config)
+    mesh = mesh or make_mesh({"data": 1}, jax.devices()[:1])
+    rules = rules_from_config(config.sharding_rules)
+    params = dict(load_params(workdir, "dit", config, models, mesh, rules, ema=ema))
+    params["vae"] = load_params(workdir, "vae", config, models, mesh, rules)
+    return Pipeline(models, params, config)
