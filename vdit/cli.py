@@ -81,18 +81,28 @@ def _cmd_sample(args: argparse.Namespace) -> None:
 
 def _cmd_prepare(args: argparse.Namespace) -> None:
     """Builds a dataset once into DATA_DIR so training reads it fast (never downloads)."""
+    if args.dataset not in ("moving_shapes", "folder") and not args.dataset.startswith("tfds:"):
+        raise ValueError(f"unknown dataset {args.dataset!r}; expected moving_shapes, folder or tfds:NAME")
     if args.dataset == "moving_shapes":
         from vdit.data.moving_shapes import prepare_moving_shapes
 
+        size = tuple(float(v) for v in args.object_size.split(","))
+        if len(size) != 2:
+            raise ValueError(f"--object_size takes 'min,max' fractions of the frame, got {args.object_size!r}")
         name = prepare_moving_shapes(args.data_dir, frames=args.frames, resolution=args.resolution,
-                                     num_train=args.num_train)
+                                     object_size=size, num_train=args.num_train, num_validation=args.num_validation,
+                                     num_heldout=args.num_heldout, seed=args.seed)
+    elif args.dataset.startswith("tfds:"):
+        from vdit.data.catalog import prepare_catalog
+
+        name = prepare_catalog(args.dataset[len("tfds:"):], args.data_dir)
     else:
         from vdit.data.folder import prepare_folder
 
         if not args.src or not args.name:
             raise ValueError("vdit prepare folder needs --src DIR (your videos) and --name NAME")
         name = prepare_folder(args.src, args.name, args.data_dir, frames=args.frames, resolution=args.resolution,
-                              fps=args.fps, stride=args.stride)
+                              fps=args.fps, stride=args.stride, clips_per_video=args.clips_per_video)
     print(f"prepared {name}")
 
 
@@ -139,15 +149,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     prepare = sub.add_parser("prepare", help="build a dataset (moving_shapes or a folder of your videos)",
                              description=_cmd_prepare.__doc__)
-    prepare.add_argument("dataset", choices=("moving_shapes", "folder"))
+    prepare.add_argument("dataset", metavar="DATASET", help="moving_shapes, folder, or tfds:NAME (needs vdit[tf])")
     prepare.add_argument("--data_dir", help="dataset root (default $VDIT_DATA_DIR or ~/vdit_data)")
     prepare.add_argument("--frames", type=int, default=17, help="frames per clip, 1 + 4k (default 17)")
     prepare.add_argument("--resolution", type=int, default=32, help="frame size in pixels (default 32)")
-    prepare.add_argument("--num_train", type=int, default=20000, help="moving_shapes training clips")
+    prepare.add_argument("--num_train", type=int, default=20000, help="moving_shapes: training clips")
+    prepare.add_argument("--num_validation", type=int, default=1000, help="moving_shapes: validation clips")
+    prepare.add_argument("--num_heldout", type=int, default=1000, help="moving_shapes: heldout-combination clips")
+    prepare.add_argument("--object_size", default="0.25,0.45", help="moving_shapes: min,max size (fraction of frame)")
+    prepare.add_argument("--seed", type=int, default=0, help="moving_shapes: base seed")
     prepare.add_argument("--src", help="folder: your videos (.mp4 .webm .gif .mov) with captions")
     prepare.add_argument("--name", help="folder: dataset name (train with data.name=folder:NAME)")
     prepare.add_argument("--fps", type=float, help="folder: sample frames at this rate")
     prepare.add_argument("--stride", type=int, help="folder: take every Nth frame")
+    prepare.add_argument("--clips_per_video", type=int, default=1, help="folder: clips cut from each video")
     prepare.set_defaults(func=_cmd_prepare)
 
     info = sub.add_parser("info", help="parameter counts of a config's models", description=_cmd_info.__doc__)
