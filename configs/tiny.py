@@ -10,7 +10,7 @@ def get_config(arg=None):
     c.data.update(frames=5, resolution=16, batch_size=8)
     c.vae.update(base_dim=8, z_dim=4, dim_mult=(1, 2, 2), num_res_blocks=1, temporal_downsample=(True, True),
                  mid_attention=False, latents_mean=None, latents_std=None)
-    c.text.update(max_length=32, width=32, depth=1, num_heads=2, mlp_ratio=2.0)
+    c.text.update(max_length=40, width=32, depth=1, num_heads=2, mlp_ratio=2.0)
     c.dit.update(in_channels=4, width=32, depth=2, num_heads=2, mlp_dim=64, text_dim=32, freq_dim=32)
     c.train.update(steps=20, log_every=5, eval_every=10, checkpoint_every=10, ema_decay=0.9)
     c.vae_train.update(steps=20, log_every=5, checkpoint_every=10)

@@ -104,10 +104,36 @@ def rules_from_config(rules: Any) -> tuple[tuple[str, Any], ...]:
     return tuple(out)
 
 
+def unbox(tree: Any) -> Any:
+    """Strips flax's logical-axis boxes, leaving plain values.
+
+    Unlike ``nn.meta.unbox`` it never adds sharding constraints, so it is safe on
+    shapes and concrete arrays inside ``activation_sharding``.
+    """
+    is_box = lambda x: isinstance(x, nn.meta.AxisMetadata)  # noqa: E731
+    return jax.tree.map(lambda x: x.unbox(apply_constraint=False) if is_box(x) else x, tree, is_leaf=is_box)
+
+
 def logical_to_sharding(tree: Any, mesh: Mesh, rules: Sequence[tuple[str, Any]]) -> Any:
-    """Maps a pytree of logical ``PartitionSpec``s (or boxed values) to ``NamedSharding``s."""
-    specs = nn.get_partition_spec(tree)
-    return nn.logical_to_mesh_sharding(specs, mesh, list(rules))
+    """Maps a pytree of logically named (boxed) arrays or shapes to ``NamedSharding``s.
+
+    A dimension whose size is not divisible by its mesh axes is replicated instead
+    (e.g. a 3-channel RGB bias under ``fsdp=4``), so one rules table serves every
+    model size; large weights, whose sizes divide, are split as the rules say.
+    """
+    mesh_specs = nn.logical_to_mesh(nn.get_partition_spec(tree), list(rules))
+    shapes = unbox(tree)
+
+    def fit(spec, leaf):
+        shape = np.shape(leaf)
+        dims = list(spec) + [None] * (len(shape) - len(spec))
+        for i, axes in enumerate(dims):
+            names = axes if isinstance(axes, tuple) else (axes,)
+            if shape[i] % math.prod(mesh.shape[a] for a in names if a is not None):
+                dims[i] = None
+        return NamedSharding(mesh, P(*dims))
+
+    return jax.tree.map(fit, mesh_specs, shapes, is_leaf=lambda x: isinstance(x, P))
 
 
 def batch_sharding(mesh: Mesh, ndim: int, seq_axis: int | None = None) -> NamedSharding:

@@ -21,7 +21,7 @@ import optax
 
 from vdit import schedule as sched
 from vdit.models import Models
-from vdit.sharding import activation_sharding, batch_sharding, logical_to_sharding, replicated
+from vdit.sharding import activation_sharding, batch_sharding, logical_to_sharding, replicated, unbox
 from vdit.vae import CausalVAE
 
 
@@ -151,7 +151,7 @@ def init_state(init_params: Callable[[jax.Array], Any], tx, key: jax.Array, mesh
         abstract = jax.eval_shape(init, key)
         shardings = logical_to_sharding(abstract, mesh, rules)
         state = jax.jit(init, out_shardings=shardings)(key)
-    return nn.meta.unbox(state), shardings
+    return unbox(state), shardings
 
 
 def abstract_state(state_shardings, init_params, tx, key, *, ema: bool):
@@ -162,7 +162,7 @@ def abstract_state(state_shardings, init_params, tx, key, *, ema: bool):
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                           ema=params if ema else None, key=key)
 
-    shapes = nn.meta.unbox(jax.eval_shape(init, key))
+    shapes = unbox(jax.eval_shape(init, key))
     return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, state_shardings)
 
 

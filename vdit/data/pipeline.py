@@ -304,14 +304,14 @@ def make_loader(
         _mark_absl_flags_parsed()
     sampler = grain.IndexSampler(
         num_records=len(source),
-        shard_options=shard_options,
+        shard_options=grain.NoSharding(),  # one global stream; _GlobalBatchOrder splits it per process
         shuffle=shuffle,
         num_epochs=num_epochs,
         seed=seed,
     )
     return grain.DataLoader(
         data_source=source,
-        sampler=sampler,
+        sampler=_GlobalBatchOrder(sampler, batch_size, shard_options.shard_count),
         operations=[ToExample(tokenizer, frames), grain.Batch(batch_size, drop_remainder=True)],
         worker_count=worker_count,
         worker_buffer_size=worker_buffer_size,
@@ -319,6 +319,37 @@ def make_loader(
         # Read ahead two batches, not Grain's default 500 records (GBs of large clips).
         read_options=grain.ReadOptions(num_threads=8, prefetch_buffer_size=min(500, max(16, 2 * batch_size))),
     )
+
+
+class _GlobalBatchOrder:
+    """Makes each process's batch a contiguous slice of one global batch.
+
+    Grain's DataLoader gives process ``p`` of ``n`` the records ``p, p + n, ...`` of
+    the sampler's stream, so a global batch would hold the right records in an order
+    that depends on ``n``. This wrapper permutes the stream so that, concatenated in
+    process order, the local batches equal the single-process batch exactly: training
+    on 1 or 2 hosts then sees identical batches (and per-position noise).
+    """
+
+    def __init__(self, sampler: Any, local_batch: int, shard_count: int):
+        self._sampler, self._b, self._n = sampler, local_batch, shard_count
+        global_batch = local_batch * shard_count
+        self._len = len(sampler) // global_batch * global_batch
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __repr__(self) -> str:
+        # Grain compares reprs to check that a checkpoint belongs to this loader.
+        return f"_GlobalBatchOrder({self._sampler!r}, local_batch={self._b}, processes={self._n})"
+
+    def __getitem__(self, index: int) -> Any:
+        if not 0 <= index < self._len:
+            raise IndexError(index)
+        i, p = divmod(index, self._n)  # the i-th record of process p
+        step, j = divmod(i, self._b)
+        meta = self._sampler[(step * self._n + p) * self._b + j]
+        return grain.RecordMetadata(index=index, record_key=meta.record_key, rng=meta.rng)
 
 
 def _mark_absl_flags_parsed() -> None:

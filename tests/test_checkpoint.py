@@ -1,0 +1,368 @@
+"""Checkpoints: exact round trips, keep-K, async safety, re-sharding, corrupt fallback, data state, preemption."""
+
+import functools
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import warnings
+
+import flax
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from jax.experimental import multihost_utils
+
+from vdit.checkpoint import Checkpointer, PreemptionGuard
+from vdit.sharding import make_mesh
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: dict
+    opt_state: optax.OptState
+    ema: dict
+    key: jax.Array
+
+
+def _specs():
+    """Weights sharded over ``fsdp`` on dim 0; everything else replicated."""
+    w = {"dense": {"kernel": P("fsdp", None), "bias": P()}, "norm": {"scale": P()}}
+    adam = optax.ScaleByAdamState(count=P(), mu=w, nu=w)
+    return TrainState(step=P(), params=w, opt_state=(adam, optax.EmptyState(), optax.EmptyState()), ema=w, key=P())
+
+
+def _state(mesh, seed=0):
+    """A TrainState with a real adamw state (a few updates taken), placed on ``mesh``."""
+    # Built under jit with out_shardings so it also works when the mesh spans processes.
+    return jax.jit(functools.partial(_make_state, seed), out_shardings=_shardings(mesh))()
+
+
+def _make_state(seed):
+    k = jax.random.split(jax.random.key(seed), 3)
+    params = {"dense": {"kernel": jax.random.normal(k[0], (16, 6)), "bias": jax.random.normal(k[1], (6,))},
+              "norm": {"scale": jnp.ones((6,), jnp.bfloat16)}}
+    tx = optax.adamw(1e-2)
+    opt = tx.init(params)
+    for _ in range(2):
+        grads = jax.tree.map(lambda p: jnp.ones_like(p) * 0.1, params)
+        updates, opt = tx.update(grads, opt, params)
+        params = optax.apply_updates(params, updates)
+    state = TrainState(step=jnp.asarray(2, jnp.int32), params=params, opt_state=opt,
+                       ema=jax.tree.map(lambda p: p * 0.5, params), key=k[2])
+    return state
+
+
+def _shardings(mesh):
+    return jax.tree.map(lambda s: NamedSharding(mesh, s), _specs(), is_leaf=lambda x: isinstance(x, P))
+
+
+def _abstract(mesh, like):
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), like, _shardings(mesh))
+
+
+def _is_key(x):
+    return jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+def _host(tree):
+    """A numpy copy of ``tree`` (typed PRNG keys as their raw key data)."""
+    return jax.tree.map(lambda x: np.asarray(jax.random.key_data(x) if _is_key(x) else x), tree)
+
+
+def _assert_equal(a, b):
+    ta, tb = jax.tree.structure(a), jax.tree.structure(b)
+    assert ta == tb, (ta, tb)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        if _is_key(x):
+            x, y = jax.random.key_data(x), jax.random.key_data(y)
+        assert x.dtype == y.dtype and x.shape == y.shape
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))  # bitwise (bf16 included)
+
+
+@pytest.fixture(scope="module")
+def mesh():
+    return make_mesh({"data": 2, "fsdp": 4})
+
+
+def test_round_trip_bitwise_with_adamw_state_and_metadata(tmp_path, mesh):
+    state = _state(mesh)
+    meta = {"model": {"width": 64, "dtype": "bfloat16"}, "lr": 3e-4, "tags": ["a", "b"], "note": None}
+    with Checkpointer(tmp_path, keep=2, save_every=10) as ckpt:
+        assert ckpt.latest_step() is None and ckpt.all_steps() == []
+        assert ckpt.should_save(20) and not ckpt.should_save(21)
+        assert ckpt.save(10, state, metadata=meta)
+        ckpt.wait()
+        step, restored, got_meta = ckpt.restore(_abstract(mesh, state))
+    assert step == 10 and got_meta == meta
+    assert isinstance(restored, TrainState) and isinstance(restored.opt_state[0], optax.ScaleByAdamState)
+    _assert_equal(restored, state)
+    assert restored.params["dense"]["kernel"].sharding == state.params["dense"]["kernel"].sharding
+
+
+def test_keep_k_and_existing_step_not_overwritten(tmp_path, mesh):
+    state = _state(mesh)
+    with Checkpointer(tmp_path, keep=2) as ckpt:
+        for s in (1, 2, 3):
+            ckpt.save(s, state, metadata={"v": s})
+        ckpt.wait()
+        assert ckpt.all_steps() == [2, 3] and ckpt.latest_step() == 3
+        with pytest.warns(UserWarning, match="checkpoint 3 already exists.*not overwriting"):
+            assert ckpt.save(3, _state(mesh, seed=1), metadata={"v": "new"}) is False
+        assert ckpt.restore(_abstract(mesh, state))[2] == {"v": 3}
+        _assert_equal(ckpt.restore(_abstract(mesh, state))[1], state)
+        assert ckpt.save(3, state, metadata={"v": "forced"}, force=True)  # explicit replace
+        assert ckpt.restore(_abstract(mesh, state), step=3)[2] == {"v": "forced"}
+
+
+def test_async_save_then_donate_and_mutate(tmp_path, mesh):
+    state = _state(mesh)
+    expected = _host(state)  # host copy taken before saving
+    clobber = jax.jit(lambda s: jax.tree.map(lambda x: x if _is_key(x) else x * 0 + 7, s),
+                      donate_argnums=0)
+    with Checkpointer(tmp_path, async_save=True) as ckpt:
+        assert ckpt.save(5, state)
+        kernel = state.params["dense"]["kernel"]
+        state = clobber(state)  # donates (frees or reuses) the saved buffers right away
+        state = clobber(state)
+        # Sharded leaves really were donated; where Orbax still holds a host view (replicated
+        # leaves on CPU) JAX copies instead. Either way the checkpoint must hold the old values.
+        assert kernel.is_deleted()
+        ckpt.wait()
+        _, restored, meta = ckpt.restore(_abstract(mesh, state))
+    assert meta is None
+    _assert_equal(_host(restored), expected)
+
+
+@pytest.mark.parametrize("target", ["fsdp8", "one_device"])
+def test_restore_onto_another_mesh(tmp_path, mesh, target):
+    state = _state(mesh)
+    assert {s.data.shape for s in state.params["dense"]["kernel"].addressable_shards} == {(4, 6)}
+    with Checkpointer(tmp_path, async_save=False) as ckpt:
+        ckpt.save(7, state)
+    new_mesh = make_mesh({"fsdp": 8}) if target == "fsdp8" else make_mesh({}, devices=jax.devices()[:1])
+    abstract = _abstract(new_mesh, state)
+    with Checkpointer(tmp_path) as ckpt:
+        step, restored, _ = ckpt.restore(abstract)
+    assert step == 7
+    _assert_equal(_host(restored), _host(state))
+    for got, want in zip(jax.tree.leaves(restored), jax.tree.leaves(abstract)):
+        assert got.sharding == want.sharding
+    rows = 2 if target == "fsdp8" else 16
+    assert {s.data.shape for s in restored.params["dense"]["kernel"].addressable_shards} == {(rows, 6)}
+
+
+def _corrupt(path, how):
+    if how == "no_commit_marker":
+        os.remove(path / "commit_success.txt")
+        return
+    # TensorStore/OCDBT keeps array bytes (small ones inline in B-tree nodes) under state/**/d/.
+    files = [os.path.join(d, f) for d, _, fs in os.walk(path / "state") for f in fs if os.path.basename(d) == "d"]
+    assert files
+    for f in files:
+        if how == "truncated":
+            os.truncate(f, os.path.getsize(f) // 2)
+        else:
+            os.remove(f)
+
+
+@pytest.mark.parametrize("how", ["truncated", "deleted", "no_commit_marker"])
+def test_corrupt_latest_falls_back_and_is_kept(tmp_path, mesh, how):
+    states = {s: _state(mesh, seed=s) for s in (10, 20, 30)}
+    with Checkpointer(tmp_path, keep=2, async_save=False) as ckpt:
+        for s, st in states.items():
+            ckpt.save(s, st)
+        assert ckpt.all_steps() == [20, 30]
+    _corrupt(tmp_path / "30", how)
+    with Checkpointer(tmp_path, keep=2) as ckpt:
+        with pytest.warns(UserWarning, match=r"checkpoint 30 is unreadable \(.+\); restored step 20 instead"):
+            step, restored, _ = ckpt.restore(_abstract(mesh, states[20]))
+        assert step == 20
+        _assert_equal(restored, states[20])
+        with pytest.raises(RuntimeError, match="checkpoint 30 .* is unreadable"):
+            ckpt.restore(_abstract(mesh, states[20]), step=30)  # an explicit step never falls back
+        # The resumed run reaches step 30 again: the corrupt directory is not overwritten ...
+        with pytest.warns(UserWarning, match="checkpoint 30 already exists .*unreadable"):
+            assert not ckpt.save(30, states[30])
+        # ... and new steps save; keep-K counts readable steps only, so 20 outlives corrupt 30
+        # (which is never deleted automatically).
+        assert ckpt.save(40, states[30])
+        ckpt.wait()
+        assert ckpt.all_steps() == [20, 30, 40]
+        assert ckpt.save(50, states[30])
+        ckpt.wait()
+        assert ckpt.all_steps() == [30, 40, 50]
+        assert ckpt.restore(_abstract(mesh, states[20]))[0] == 50
+    assert (tmp_path / "30").is_dir()
+
+
+def test_missing_checkpoints_errors(tmp_path, mesh):
+    state = _state(mesh)
+    with Checkpointer(tmp_path / "empty") as ckpt:
+        with pytest.raises(FileNotFoundError, match="no checkpoints in"):
+            ckpt.restore(_abstract(mesh, state))
+    with Checkpointer(tmp_path / "run", async_save=False) as ckpt:
+        ckpt.save(1, state)
+        ckpt.save(2, state)
+        with pytest.raises(ValueError, match=r"no checkpoint at step 5 in .*; available steps: \[1, 2\]"):
+            ckpt.restore(_abstract(mesh, state), step=5)
+        with pytest.raises(ValueError, match="has no sharding"):
+            ckpt.restore(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state))
+        with pytest.raises(TypeError, match="JSON-serialisable"):
+            ckpt.save(3, state, metadata={"f": object()})
+        for s in (1, 2):
+            os.remove(tmp_path / "run" / str(s) / "commit_success.txt")
+        with pytest.raises(RuntimeError, match=r"all checkpoints in .* are unreadable \(steps \[1, 2\]\)"):
+            ckpt.restore(_abstract(mesh, state))
+
+
+@pytest.mark.parametrize("kind", ["dataset", "dataloader"])
+def test_data_iterator_resumes_exactly(tmp_path, mesh, kind):
+    def make():
+        if kind == "dataset":
+            return iter(grain.MapDataset.range(100).shuffle(seed=0).batch(4))
+        loader = grain.DataLoader(data_source=grain.sources.RangeDataSource(0, 100, 1),
+                                  sampler=grain.samplers.IndexSampler(100, shuffle=True, seed=0, num_epochs=1),
+                                  operations=[grain.transforms.Batch(4)], worker_count=0)
+        return iter(loader)
+
+    reference = make()
+    expected = [np.asarray(next(reference)) for _ in range(8)]
+    it = make()
+    for _ in range(3):
+        next(it)
+    state = _state(mesh)
+    with Checkpointer(tmp_path) as ckpt:
+        ckpt.save(3, state, data_state=it)
+        next(it)  # the loop moves on while the save is in flight; the saved position must not
+        ckpt.wait()
+        fresh = make()
+        step, _, _ = ckpt.restore(_abstract(mesh, state), data_iterator=fresh)
+    assert step == 3
+    assert (tmp_path / "3" / "data" / "process_0-of-1.json").exists()  # one file per process
+    for want in expected[3:]:
+        np.testing.assert_array_equal(np.asarray(next(fresh)), want)
+    # A run with another process count cannot take this per-process state: one clear error.
+    os.rename(tmp_path / "3" / "data" / "process_0-of-1.json", tmp_path / "3" / "data" / "process_0-of-2.json")
+    with Checkpointer(tmp_path) as ckpt:
+        with pytest.raises(ValueError, match="data-iterator state for 2 process.* this run has 1"):
+            ckpt.restore(_abstract(mesh, state), data_iterator=make())
+
+
+def test_preemption_guard_sets_flag_and_restores_handler(tmp_path):
+    before = signal.getsignal(signal.SIGTERM)
+    with PreemptionGuard() as guard:
+        assert not guard.requested
+        assert signal.getsignal(signal.SIGTERM) != before
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert _wait_for(lambda: guard.requested) and guard.received == signal.SIGTERM
+        with Checkpointer(tmp_path) as ckpt:
+            assert ckpt.should_stop(7, guard)
+            assert not ckpt.should_stop(7, None)
+    assert signal.getsignal(signal.SIGTERM) == before
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with PreemptionGuard(signals=(signal.SIGTERM, signal.SIGINT)) as guard:
+            os.kill(os.getpid(), signal.SIGINT)
+            assert _wait_for(lambda: guard.requested) and guard.received == signal.SIGINT
+            with pytest.raises(KeyboardInterrupt):  # a second Ctrl-C still interrupts
+                os.kill(os.getpid(), signal.SIGINT)
+                _wait_for(lambda: False, timeout=2.0)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def _wait_for(cond, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while not cond() and time.monotonic() < deadline:
+        time.sleep(0.01)  # Python runs signal handlers between bytecodes of the main thread
+    return cond()
+
+
+def test_two_processes_save_restore_and_agree_to_stop(tmp_path):
+    """Two real JAX processes (gloo) x 4 CPU devices: per-process data state, re-shard, agreed stop."""
+    with socket.socket() as sock:
+        sock.bind(("localhost", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "JAX_NUM_CPU_DEVICES": "4", "JAX_PLATFORMS": "cpu"}
+    procs = [subprocess.Popen([sys.executable, __file__, str(i), str(port), str(tmp_path)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    try:
+        outs = [p.communicate(timeout=120)[0] for p in procs]
+    finally:
+        for p in procs:  # SIGKILL: JAX's preemption notifier catches SIGTERM
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
+    for i, (p, out) in enumerate(zip(procs, outs)):
+        assert p.returncode == 0, f"process {i} failed:\n{out[-3000:]}"
+        assert "WORKER OK" in out
+    assert sorted(os.listdir(tmp_path / "2" / "data")) == ["commit_success.txt", "process_0-of-2.json",
+                                                           "process_1-of-2.json"]
+
+
+def _worker(process_id: int, port: int, workdir: str):
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(f"localhost:{port}", num_processes=2, process_id=process_id)
+    assert jax.device_count() == 8 and jax.local_device_count() == 4
+    mesh = make_mesh({"data": 2, "fsdp": 4})
+    state = _state(mesh)
+    ds = grain.MapDataset.range(100)[process_id::2].shuffle(seed=0).batch(4)  # each process its own shard
+    it, ref = iter(ds), iter(ds)
+    for _ in range(2):
+        next(it), next(ref)
+    expected = [np.asarray(next(ref)) for _ in range(3)]
+
+    def gathered(tree):
+        return [multihost_utils.process_allgather(jax.random.key_data(x) if _is_key(x) else x, tiled=True)
+                for x in jax.tree.leaves(tree)]
+
+    with Checkpointer(workdir, keep=2) as ckpt:
+        assert ckpt.save(2, state, data_state=it, metadata={"processes": 2})
+        ckpt.wait()
+        fresh = iter(ds)
+        step, restored, meta = ckpt.restore(_abstract(make_mesh({"fsdp": 8}), state), data_iterator=fresh)
+        assert step == 2 and meta == {"processes": 2}
+        for a, b in zip(gathered(restored), gathered(state)):
+            np.testing.assert_array_equal(a, b)
+        for want in expected:  # this process's own stream resumes exactly
+            np.testing.assert_array_equal(np.asarray(next(fresh)), want)
+
+        # Step 4 damaged where only process 1 looks: both processes still fall back together.
+        assert ckpt.save(4, state, data_state=fresh)
+        ckpt.wait()
+        multihost_utils.sync_global_devices("saved 4")
+        if process_id == 0:
+            os.remove(os.path.join(workdir, "4", "data", "process_1-of-2.json"))
+        multihost_utils.sync_global_devices("damaged 4")
+        with pytest.warns(UserWarning, match="checkpoint 4 is unreadable .*; restored step 2 instead"):
+            assert ckpt.restore(_abstract(mesh, state), data_iterator=iter(ds))[0] == 2
+
+        # SIGINT on process 0 only: our handler's flag is all-reduced, both stop at the same step.
+        with PreemptionGuard(signals=(signal.SIGTERM, signal.SIGINT)) as guard:
+            assert guard.signals_handled == (signal.SIGINT,)  # SIGTERM is left to JAX here
+            assert not ckpt.should_stop(3, guard)
+            if process_id == 0:
+                os.kill(os.getpid(), signal.SIGINT)
+                assert _wait_for(lambda: guard.requested)
+            assert ckpt.should_stop(4, guard)
+
+        # SIGTERM on process 1 only: JAX's preemption service picks one step that all agree on.
+        with PreemptionGuard() as guard:
+            if process_id == 1:
+                os.kill(os.getpid(), signal.SIGTERM)
+            stop = next((s for s in range(5, 500) if ckpt.should_stop(s, guard) or time.sleep(0.01)), -1)
+            assert stop > 0 and not guard.requested
+            assert len(set(multihost_utils.process_allgather(np.int32(stop)).tolist())) == 1
+    print("WORKER OK", process_id, stop, flush=True)
+
+
+if __name__ == "__main__":
+    _worker(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3])

@@ -1,0 +1,264 @@
+"""The training loop: VAE phase and DiT phase, resumable, on any mesh.
+
+A workdir holds one run: ``W/vae/`` and ``W/dit/`` each with ``checkpoints/``,
+``metrics.jsonl`` and ``tensorboard/``. ``train(config, W, "vae")`` then
+``train(config, W, "dit")``; the DiT phase encodes its training clips with the VAE of
+``W/vae`` (on the fly, or cached once to ``W/latents`` when
+``train.latents="cached"``). Running either again resumes from its latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import pathlib
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from tqdm.auto import tqdm
+
+from vdit import train as T
+from vdit.checkpoint import Checkpointer, PreemptionGuard
+from vdit.data.pipeline import make_loader, open_dataset, to_global
+from vdit.metrics import MetricsWriter
+from vdit.models import Models, build_models
+from vdit.sharding import make_mesh, rules_from_config
+
+log = logging.getLogger("vdit")
+PHASES = ("vae", "dit")
+EVAL_TIMES = (0.1, 0.3, 0.5, 0.7, 0.9)
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN/inf and ``on_nonfinite="abort"``."""
+
+
+@dataclasses.dataclass
+class Run:
+    """The pieces of one phase, built once: models, mesh, state, step function, data."""
+
+    config: ml_collections.ConfigDict
+    phase: str
+    models: Models
+    mesh: Any
+    rules: Any
+    state: T.TrainState
+    shardings: Any
+    step_fn: Any
+    frozen: Any
+    loader: Any
+    iterator: Any
+    loss_fn: Any
+    global_batch: int
+
+
+def phase_sections(config: ml_collections.ConfigDict, phase: str):
+    """``(optim, train)`` config sections of a phase."""
+    if phase not in PHASES:
+        raise ValueError(f"unknown phase {phase!r}; expected one of {PHASES}")
+    return (config.vae_optim, config.vae_train) if phase == "vae" else (config.optim, config.train)
+
+
+def load_params(workdir: str | pathlib.Path, phase: str, config: ml_collections.ConfigDict, models: Models,
+                mesh, rules, *, ema: bool = True) -> Any:
+    """Trained parameters of a phase from its latest checkpoint (EMA weights when kept)."""
+    directory = pathlib.Path(workdir) / phase / "checkpoints"
+    optim, train_cfg = phase_sections(config, phase)
+    init = T.init_vae_params(models) if phase == "vae" else T.init_dit_params(models)
+    tx = T.make_optimizer(optim, train_cfg.steps, train_cfg.on_nonfinite)
+    keep_ema = phase == "dit" and train_cfg.ema_decay > 0
+    with Checkpointer(directory) as ckpt:
+        if ckpt.latest_step() is None:
+            cmd = f"vdit train --phase {phase} --workdir {workdir}"
+            raise FileNotFoundError(f"no {phase} checkpoint in {directory}; train it first: {cmd}")
+        _, shardings = _abstract_shardings(init, tx, mesh, rules, ema=keep_ema)
+        target = T.abstract_state(shardings, init, tx, jax.random.PRNGKey(0), ema=keep_ema)
+        _, state, _ = ckpt.restore(target)
+    return state.ema if (ema and state.ema is not None) else state.params
+
+
+def _abstract_shardings(init, tx, mesh, rules, *, ema):
+    from vdit.sharding import logical_to_sharding
+
+    def full(key):
+        params = init(key)
+        return T.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                            ema=params if ema else None, key=key)
+
+    abstract = jax.eval_shape(full, jax.random.PRNGKey(0))
+    return abstract, logical_to_sharding(abstract, mesh, rules)
+
+
+def build_run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, phase: str, *,
+              mesh=None, devices=None) -> Run:
+    """Builds everything a phase needs (fresh state; ``train`` restores on top)."""
+    optim, train_cfg = phase_sections(config, phase)
+    models = build_models(config)
+    mesh = mesh or make_mesh(dict(config.mesh), devices)
+    rules = rules_from_config(config.sharding_rules)
+    global_batch = int(config.data.batch_size)
+    divisor = mesh.shape["data"] * mesh.shape["fsdp"]
+    if global_batch % divisor or global_batch % jax.process_count():
+        raise ValueError(f"data.batch_size={global_batch} must be divisible by the batch mesh axes data x fsdp = "
+                         f"{divisor} and by the process count {jax.process_count()}")
+
+    tx = T.make_optimizer(optim, train_cfg.steps, train_cfg.on_nonfinite)
+    lr_fn = T.learning_rate(optim, train_cfg.steps)
+    key = jax.random.PRNGKey(config.seed)
+    frozen = None
+    if phase == "vae":
+        init = T.init_vae_params(models)
+        loss_fn = functools.partial(T.vae_loss, vae=models.vae, kl_weight=train_cfg.kl_weight, recon=train_cfg.recon)
+        ema = False
+    else:
+        init = T.init_dit_params(models)
+        loss_fn = functools.partial(T.dit_loss, models=models, train=train_cfg, schedule_cfg=config.schedule,
+                                    uncond=T.uncond_tokens(models.text.max_length))
+        ema = train_cfg.ema_decay > 0
+        if train_cfg.latents != "online":
+            raise ValueError(f"train.latents={train_cfg.latents!r} is not supported; expected 'online'")
+        frozen = {"vae": load_params(workdir, "vae", config, models, mesh, rules)}
+    state, shardings = T.init_state(init, tx, key, mesh, rules, ema=ema)
+    frozen_shardings = None if frozen is None else jax.tree.map(lambda a: a.sharding, frozen)
+
+    dataset = open_dataset(config.data.name, config.data.data_dir or None, "train")
+    loader = make_loader(
+        dataset, batch_size=global_batch // jax.process_count(), seed=config.data.shuffle_seed,
+        frames=config.data.frames if phase == "dit" or config.vae_train.get("image_fraction", 0) == 0 else None,
+        tokenizer=models.text.tokenizer, max_text_length=models.text.max_length,
+        worker_count=config.data.worker_count,
+    )
+    iterator = iter(loader)
+    step = T.make_train_step(loss_fn, tx, lr_fn, ema_decay=train_cfg.get("ema_decay", 0.0),
+                             grad_accum=optim.grad_accum)
+    batch_spec = {"video": 5, "text_ids": 2, "text_mask": 2}
+    step_fn = T.jit_train_step(step, mesh, rules, shardings, batch_spec, frozen_shardings)
+    return Run(config, phase, models, mesh, rules, state, shardings, step_fn, frozen, loader, iterator, loss_fn,
+               global_batch)
+
+
+def _config_json(config: ml_collections.ConfigDict) -> dict:
+    return json.loads(config.to_json_best_effort())
+
+
+def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, phase: str = "dit", *,
+          mesh=None, devices=None, stop_after: int | None = None, progress: bool = True) -> dict:
+    """Trains a phase to ``train.steps`` (resuming from the latest checkpoint); returns a summary.
+
+    ``stop_after`` ends the call after that many steps *of this call* (with a checkpoint),
+    as a preemption would: tests use it to interrupt and resume.
+    """
+    workdir = pathlib.Path(workdir).absolute()
+    _, train_cfg = phase_sections(config, phase)
+    run = build_run(config, workdir, phase, mesh=mesh, devices=devices)
+    phase_dir = workdir / phase
+    total = int(train_cfg.steps)
+    ckpt = Checkpointer(phase_dir / "checkpoints", keep=train_cfg.keep_checkpoints,
+                        save_every=train_cfg.checkpoint_every)
+    start = 0
+    if ckpt.latest_step() is not None:
+        target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), run.state, run.shardings)
+        start, run.state, _ = ckpt.restore(target, data_iterator=run.iterator)
+        log.info("resumed %s from step %d", phase, start)
+    elif jax.process_index() == 0:
+        phase_dir.mkdir(parents=True, exist_ok=True)
+        (phase_dir / "config.json").write_text(json.dumps(_config_json(config), indent=2))
+
+    writer = MetricsWriter(phase_dir)
+    flops = _flops_per_step(run, config) if phase == "dit" else None
+    pending: list[tuple[int, dict]] = []
+    last_saved = ckpt.latest_step()
+    bar = tqdm(total=total, initial=start, desc=f"train {phase}", disable=not progress or jax.process_index() != 0,
+               dynamic_ncols=True)
+    t_last, steps_since = time.perf_counter(), 0
+    status = "done"
+    with PreemptionGuard() as guard:
+        step = start
+        while step < total:
+            batch = to_global(next(run.iterator), run.mesh, normalize=False)
+            batch = {k: batch[k] for k in ("video", "text_ids", "text_mask")}
+            run.state, metrics = run.step_fn(run.state, batch, run.frozen)
+            step += 1
+            steps_since += 1
+            pending.append((step, metrics))
+            bar.update(1)
+            boundary = step % train_cfg.log_every == 0 or step == total
+            stop = ckpt.should_stop(step, guard) or (stop_after is not None and step - start >= stop_after)
+            save = ckpt.should_save(step) or step == total or stop
+            if boundary or save:
+                # One host sync per interval: fetch the interval's metrics, check them, log them.
+                rows = jax.device_get(pending)
+                pending.clear()
+                bad = next((s for s, m in rows if not bool(m["finite"])), None)
+                if bad is not None and train_cfg.on_nonfinite == "abort":
+                    ckpt.wait()
+                    where = f"step {last_saved} in {ckpt.directory}" if last_saved else "none saved yet"
+                    raise NonFiniteLossError(f"{phase} loss is not finite at step {bad}; last good checkpoint: {where}")
+                dt = time.perf_counter() - t_last
+                mean = {k: float(np.mean([m[k] for _, m in rows])) for k in rows[-1][1] if k != "finite"}
+                mean.update(steps_per_s=steps_since / dt, examples_per_s=steps_since * run.global_batch / dt)
+                if flops:
+                    mean["model_tflops_per_s"] = flops * steps_since / dt / 1e12
+                if boundary:
+                    writer.write(step, mean)
+                    bar.set_postfix(loss=f"{mean['loss']:.4f}")
+                t_last, steps_since = time.perf_counter(), 0
+            if phase == "dit" and train_cfg.eval_every and step % train_cfg.eval_every == 0:
+                writer.write(step, evaluate_loss(run))
+            if save:
+                ckpt.save(step, run.state, data_state=run.iterator,
+                          metadata={"config": _config_json(config), "step": step, "phase": phase})
+                last_saved = step
+            if stop:
+                status = "preempted" if guard.requested else "stopped"
+                break
+    bar.close()
+    ckpt.wait()
+    ckpt.close()
+    writer.close()
+    if status == "preempted" and jax.process_index() == 0:
+        print(f"vdit: preempted; saved step {step} to {ckpt.directory}. Relaunch the same command to resume.")
+    return {"phase": phase, "step": step, "status": status, "workdir": str(workdir)}
+
+
+def _flops_per_step(run: Run, config: ml_collections.ConfigDict) -> float:
+    """Analytic training FLOPs of one DiT step (forward x 3 for forward + backward)."""
+    f, r = config.data.frames, config.data.resolution
+    shape = run.models.vae.latent_shape((1, f, r, r, 3))[1:]
+    return 3.0 * run.global_batch * T.model_flops_per_example(run.models, shape, run.models.text.max_length)
+
+
+def evaluate_loss(run: Run, num_batches: int = 1) -> dict[str, float]:
+    """DiT loss at fixed times ``EVAL_TIMES`` on fixed validation batches (same noise every call)."""
+    config = run.config
+    try:
+        dataset = open_dataset(config.data.name, config.data.data_dir or None, "validation")
+    except FileNotFoundError:
+        return {}
+    loader = make_loader(dataset, batch_size=run.global_batch // jax.process_count(), seed=0, shuffle=False,
+                         num_epochs=1, frames=config.data.frames, tokenizer=run.models.text.tokenizer,
+                         max_text_length=run.models.text.max_length)
+    totals = {t: 0.0 for t in EVAL_TIMES}
+    count = 0
+    for i, host_batch in enumerate(loader):
+        if i >= num_batches:
+            break
+        batch = to_global(host_batch, run.mesh, normalize=False)
+        batch = {k: batch[k] for k in ("video", "text_ids", "text_mask")}
+        for t in EVAL_TIMES:
+            totals[t] += float(_eval_at(run.loss_fn, run.state.params, batch, run.frozen, t))
+        count += 1
+    return {f"eval_loss_t{t}": v / max(count, 1) for t, v in totals.items()}
+
+
+@functools.partial(jax.jit, static_argnames=("loss_fn", "t"))
+def _eval_at(loss_fn, params, batch, frozen, t):
+    b = batch["text_ids"].shape[0]
+    loss, _ = loss_fn(params, batch, jax.random.PRNGKey(1234), frozen, t=jnp.full((b,), t, jnp.float32))
+    return loss
