@@ -178,6 +178,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, phase:
                dynamic_ncols=True)
     t_last, steps_since = time.perf_counter(), 0
     status = "done"
+    compile_logged = False
     with PreemptionGuard() as guard:
         step = start
         while step < total:
@@ -187,6 +188,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, phase:
             step += 1
             steps_since += 1
             pending.append((step, metrics))
+            if step == start + 1:  # the clock restarts after compilation and the first step
+                jax.block_until_ready(metrics)
+                t_last, steps_since = time.perf_counter(), 0
             bar.update(1)
             boundary = step % train_cfg.log_every == 0 or step == total
             stop = ckpt.should_stop(step, guard) or (stop_after is not None and step - start >= stop_after)
@@ -202,15 +206,22 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, phase:
                     raise NonFiniteLossError(f"{phase} loss is not finite at step {bad}; last good checkpoint: {where}")
                 dt = time.perf_counter() - t_last
                 mean = {k: float(np.mean([m[k] for _, m in rows])) for k in rows[-1][1] if k != "finite"}
-                mean.update(steps_per_s=steps_since / dt, examples_per_s=steps_since * run.global_batch / dt)
-                if flops:
-                    mean["model_tflops_per_s"] = flops * steps_since / dt / 1e12
+                if steps_since:
+                    mean.update(steps_per_s=steps_since / dt, examples_per_s=steps_since * run.global_batch / dt)
+                    if flops:
+                        mean["model_tflops_per_s"] = flops * steps_since / dt / 1e12
+                if run.step_fn.compile_seconds is not None and not compile_logged:
+                    mean["compile_s"] = run.step_fn.compile_seconds
+                    compile_logged = True
                 if boundary:
                     writer.write(step, mean)
                     bar.set_postfix(loss=f"{mean['loss']:.4f}")
                 t_last, steps_since = time.perf_counter(), 0
             if phase == "dit" and train_cfg.eval_every and step % train_cfg.eval_every == 0:
-                writer.write(step, evaluate_loss(run))
+                evals = evaluate_loss(run)
+                if evals:
+                    writer.write(step, evals)
+                t_last = time.perf_counter()  # evaluation time is not training throughput
             if save:
                 ckpt.save(step, run.state, data_state=run.iterator,
                           metadata={"config": _config_json(config), "step": step, "phase": phase})
@@ -252,12 +263,12 @@ def evaluate_loss(run: Run, num_batches: int = 1) -> dict[str, float]:
         batch = to_global(host_batch, run.mesh, normalize=False)
         batch = {k: batch[k] for k in ("video", "text_ids", "text_mask")}
         for t in EVAL_TIMES:
-            totals[t] += float(_eval_at(run.loss_fn, run.state.params, batch, run.frozen, t))
+            totals[t] += float(_eval_at(run.loss_fn, run.state.params, batch, run.frozen, jnp.float32(t)))
         count += 1
     return {f"eval_loss_t{t}": v / max(count, 1) for t, v in totals.items()}
 
 
-@functools.partial(jax.jit, static_argnames=("loss_fn", "t"))
+@functools.partial(jax.jit, static_argnames=("loss_fn",))
 def _eval_at(loss_fn, params, batch, frozen, t):
     b = batch["text_ids"].shape[0]
     loss, _ = loss_fn(params, batch, jax.random.PRNGKey(1234), frozen, t=jnp.full((b,), t, jnp.float32))

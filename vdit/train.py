@@ -9,6 +9,7 @@ RNG is explicit: each step draws from ``fold_in(state.key, state.step)``.
 from __future__ import annotations
 
 import functools
+import time
 from typing import Any, Callable
 
 import flax
@@ -206,10 +207,17 @@ def jit_train_step(step_fn, mesh, rules, state_shardings, batch_spec: dict, froz
         donate_argnums=(0,),
     )
 
+    compiled = {}
+
     def run(state, batch, frozen=None):
         with activation_sharding(mesh, rules):
-            return jitted(state, batch, frozen)
+            if "step" not in compiled:  # compile ahead of the first call, and time it
+                start = time.perf_counter()
+                compiled["step"] = jitted.lower(state, batch, frozen).compile()
+                run.compile_seconds = time.perf_counter() - start
+            return compiled["step"](state, batch, frozen)
 
+    run.compile_seconds = None
     run.jitted = jitted
     return run
 
