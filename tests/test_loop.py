@@ -126,3 +126,17 @@ def test_sample_writes_readable_videos(data, vae_workdir, tmp_path):
     assert len(mp4s) == 4 and (out / "contact_sheet.png").exists() and (out / "grid.gif").exists()
     video = mediapy.read_video(mp4s[0])
     assert video.shape[0] == 5 and video.shape[-1] == 3
+
+
+def test_cached_latents_train_like_online_encoding(data, vae_workdir, tmp_path):
+    # Same data order and RNG: training from the cache must follow the on-the-fly run.
+    runs = {}
+    for mode in ("online", "cached"):
+        workdir = _with_vae(vae_workdir, tmp_path / mode)
+        train(tiny(data, "train.steps=4", f"train.latents={mode}", "train.eval_every=0"), workdir, "dit",
+              progress=False)
+        runs[mode] = [r["loss"] for r in read_metrics(workdir / "dit") if "loss" in r]
+    assert (tmp_path / "cached" / "latents" / "latents.npy").exists()
+    np.testing.assert_allclose(runs["cached"], runs["online"], rtol=1e-5)
+    with pytest.raises(ValueError, match="train.latents='disk'"):
+        train(tiny(data, "train.latents=disk"), _with_vae(vae_workdir, tmp_path / "bad"), "dit", progress=False)

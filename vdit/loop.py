@@ -56,6 +56,8 @@ class Run:
     iterator: Any
     loss_fn: Any
     global_batch: int
+    batch_keys: tuple[str, ...]
+    eval_frozen: Any  # what evaluation on raw validation clips needs (the VAE, also with cached latents)
 
 
 def phase_sections(config: ml_collections.ConfigDict, phase: str):
@@ -121,26 +123,37 @@ def build_run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, ph
         loss_fn = functools.partial(T.dit_loss, models=models, train=train_cfg, schedule_cfg=config.schedule,
                                     uncond=T.uncond_tokens(models.text.max_length))
         ema = train_cfg.ema_decay > 0
-        if train_cfg.latents != "online":
-            raise ValueError(f"train.latents={train_cfg.latents!r} is not supported; expected 'online'")
+        if train_cfg.latents not in ("online", "cached"):
+            raise ValueError(f"train.latents={train_cfg.latents!r}; expected 'online' (encode every step) or 'cached'")
         frozen = {"vae": load_params(workdir, "vae", config, models, mesh, rules)}
     state, shardings = T.init_state(init, tx, key, mesh, rules, ema=ema)
-    frozen_shardings = None if frozen is None else jax.tree.map(lambda a: a.sharding, frozen)
 
     dataset = open_dataset(config.data.name, config.data.data_dir or None, "train")
+    batch_keys = ("video", "text_ids", "text_mask")
+    if phase == "dit" and train_cfg.latents == "cached":
+        from vdit.latents import build_latent_cache
+
+        dataset = build_latent_cache(pathlib.Path(workdir) / "latents", dataset, models=models,
+                                     vae_params=frozen["vae"], mesh=mesh, batch_size=global_batch,
+                                     frames=config.data.frames, meta={"dataset": config.data.name})
+        batch_keys = ("latents", "text_ids", "text_mask")
+    eval_frozen = frozen
+    if batch_keys[0] == "latents":
+        frozen = None
+    frozen_shardings = None if frozen is None else jax.tree.map(lambda a: a.sharding, frozen)
     loader = make_loader(
         dataset, batch_size=global_batch // jax.process_count(), seed=config.data.shuffle_seed,
-        frames=config.data.frames if phase == "dit" or config.vae_train.get("image_fraction", 0) == 0 else None,
+        frames=config.data.frames,
         tokenizer=models.text.tokenizer, max_text_length=models.text.max_length,
         worker_count=config.data.worker_count,
     )
     iterator = iter(loader)
     step = T.make_train_step(loss_fn, tx, lr_fn, ema_decay=train_cfg.get("ema_decay", 0.0),
                              grad_accum=optim.grad_accum)
-    batch_spec = {"video": 5, "text_ids": 2, "text_mask": 2}
+    batch_spec = {k: 5 if k in ("video", "latents") else 2 for k in batch_keys}
     step_fn = T.jit_train_step(step, mesh, rules, shardings, batch_spec, frozen_shardings)
     return Run(config, phase, models, mesh, rules, state, shardings, step_fn, frozen, loader, iterator, loss_fn,
-               global_batch)
+               global_batch, batch_keys, eval_frozen)
 
 
 def _config_json(config: ml_collections.ConfigDict) -> dict:
@@ -183,7 +196,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, phase:
         step = start
         while step < total:
             batch = to_global(next(run.iterator), run.mesh, normalize=False)
-            batch = {k: batch[k] for k in ("video", "text_ids", "text_mask")}
+            batch = {k: batch[k] for k in run.batch_keys}
             run.state, metrics = run.step_fn(run.state, batch, run.frozen)
             step += 1
             steps_since += 1
@@ -263,7 +276,7 @@ def evaluate_loss(run: Run, num_batches: int = 1) -> dict[str, float]:
         batch = to_global(host_batch, run.mesh, normalize=False)
         batch = {k: batch[k] for k in ("video", "text_ids", "text_mask")}
         for t in EVAL_TIMES:
-            totals[t] += float(_eval_at(run.loss_fn, run.state.params, batch, run.frozen, jnp.float32(t)))
+            totals[t] += float(_eval_at(run.loss_fn, run.state.params, batch, run.eval_frozen, jnp.float32(t)))
         count += 1
     return {f"eval_loss_t{t}": v / max(count, 1) for t, v in totals.items()}
 

@@ -203,6 +203,8 @@ class ToExample(grain.RandomMapTransform):
 
     def random_map(self, record: dict, rng: np.random.Generator) -> dict:
         """Maps one record; ``rng`` is Grain's per-record generator (picks the frame window)."""
+        if "latents" in record:  # a vdit.latents.LatentCache record: encoded and tokenized already
+            return {k: np.asarray(v) for k, v in record.items()}
         video = np.asarray(record[VIDEO_KEY])
         t = video.shape[0]
         if self.frames is not None and self.frames < t:
