@@ -59,3 +59,17 @@ def test_cli_info_and_one_line_errors():
     assert bad.returncode == 2
     assert bad.stderr.strip().splitlines() == ["vdit info: error: unknown config key 'dit.detph'; did you mean 'dit.depth'?"]
     assert run("--help").returncode == 0 and run("convert", "--help").returncode == 0
+
+
+def test_configs_ship_in_the_wheel(tmp_path):
+    # `--config tiny` must work after a non-editable install: configs/ is packaged as vdit.configs.
+    import pathlib
+    import zipfile
+
+    repo = pathlib.Path(__file__).parent.parent
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", str(repo), "--no-deps", "--no-build-isolation",
+                            "-w", str(tmp_path), "-q"], capture_output=True, text=True)
+    assert built.returncode == 0, built.stderr[-2000:]
+    names = zipfile.ZipFile(next(tmp_path.glob("vdit-*.whl"))).namelist()
+    assert {f"vdit/configs/{n}.py" for n in SHIPPED} <= set(names)
+    assert "vdit/configs/_base.py" in names and "vdit/data/pipeline.py" in names
