@@ -56,7 +56,7 @@ def base_config() -> ml_collections.ConfigDict:
         clip_norm=1.0, grad_accum=1,
     ))
     c.vae_train = ml_collections.ConfigDict(dict(
-        steps=1000, kl_weight=1e-6, recon="l1", log_every=50, checkpoint_every=500,
+        steps=1000, batch_size=0, kl_weight=1e-6, recon="l1", log_every=50, checkpoint_every=500,
         keep_checkpoints=3, on_nonfinite="abort",
     ))
     c.sample = ml_collections.ConfigDict(dict(sampler="unipc", steps=30, cfg=5.0, negative_prompt="", seed=0))

@@ -106,6 +106,20 @@ def _cmd_prepare(args: argparse.Namespace) -> None:
     print(f"prepared {name}")
 
 
+def _cmd_demo(args: argparse.Namespace) -> None:
+    """Prepares moving_shapes, trains the VAE and the DiT, samples every attribute and evaluates (resumable)."""
+    from vdit.demo import run_demo
+
+    run_demo(args.workdir, quick=args.quick, data_dir=args.data_dir, progress=not args.no_progress)
+
+
+def _cmd_eval(args: argparse.Namespace) -> None:
+    """Re-evaluates a demo workdir's samples and prints the results table."""
+    from vdit.demo import evaluate_workdir
+
+    evaluate_workdir(args.workdir)
+
+
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, help="config name (tiny, shapes_cpu, small, ...) or path.py[:arg]")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
@@ -120,6 +134,18 @@ def build_parser() -> argparse.ArgumentParser:
         "and DiT on any device mesh, sample videos, convert Wan2.1 weights.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    demo = sub.add_parser("demo", help="the whole pipeline on moving_shapes, judged by a pixel evaluator",
+                          description=_cmd_demo.__doc__)
+    demo.add_argument("--workdir", default="vdit_demo", help="run folder (default ./vdit_demo); reruns resume")
+    demo.add_argument("--quick", action="store_true", help="minutes-scale settings (what CI runs)")
+    demo.add_argument("--data_dir", help="where to build the dataset (default WORKDIR/data)")
+    demo.add_argument("--no_progress", action="store_true", help="no progress bars")
+    demo.set_defaults(func=_cmd_demo)
+
+    evaluate = sub.add_parser("eval", help="evaluate a demo workdir's samples", description=_cmd_eval.__doc__)
+    evaluate.add_argument("--workdir", default="vdit_demo", help="a workdir that `vdit demo` filled")
+    evaluate.set_defaults(func=_cmd_eval)
 
     train = sub.add_parser("train", help="train the VAE and the DiT (resumes)", description=_cmd_train.__doc__)
     _add_config_args(train)

@@ -105,6 +105,8 @@ def build_run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, ph
     mesh = mesh or make_mesh(dict(config.mesh), devices)
     rules = rules_from_config(config.sharding_rules)
     global_batch = int(config.data.batch_size)
+    if phase == "vae" and config.vae_train.get("batch_size"):
+        global_batch = int(config.vae_train.batch_size)  # the VAE often needs a smaller batch than the DiT
     divisor = mesh.shape["data"] * mesh.shape["fsdp"]
     if global_batch % divisor or global_batch % jax.process_count():
         raise ValueError(f"data.batch_size={global_batch} must be divisible by the batch mesh axes data x fsdp = "

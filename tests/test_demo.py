@@ -1,0 +1,32 @@
+"""`vdit demo --quick` runs end to end, writes every output, and a rerun reuses the work."""
+
+import json
+
+import pytest
+
+from vdit.cli import main
+
+
+@pytest.mark.slow
+def test_quick_demo_end_to_end(tmp_path, capsys):
+    workdir = tmp_path / "demo"
+    assert main(["demo", "--quick", "--workdir", str(workdir), "--no_progress"]) == 0
+    table = capsys.readouterr().out
+    assert "heldout" in table and "color" in table
+
+    results = json.loads((workdir / "eval.json").read_text())
+    for key in ("schema_version", "num_videos", "train", "heldout", "temporal_consistency", "frechet_distance",
+                "vae_psnr_db", "timings", "seeds"):
+        assert key in results, key
+    for group in ("train", "heldout"):
+        assert set(results[group]) >= {"count", "color", "shape", "direction", "all_correct"}
+    assert results["num_videos"] == 20 * results["seeds"]
+    samples = workdir / "samples"
+    assert len(list(samples.glob("*.mp4"))) == results["num_videos"]
+    assert (samples / "grid_labelled.gif").exists() and (samples / "contact_sheet.png").exists()
+
+    # A second run on the same workdir reuses data and checkpoints: no step is trained again.
+    before = (workdir / "dit" / "metrics.jsonl").read_text()
+    assert main(["demo", "--quick", "--workdir", str(workdir), "--no_progress"]) == 0
+    assert (workdir / "dit" / "metrics.jsonl").read_text() == before
+    assert main(["eval", "--workdir", str(workdir)]) == 0

@@ -1,0 +1,152 @@
+"""`vdit demo`: from nothing to caption-following videos of moving shapes on a CPU.
+
+Steps, each skipped when its result is already in the workdir (so a second run resumes
+or reuses instead of starting over):
+
+1. prepare the ``moving_shapes`` dataset;
+2. train the VAE, then the text encoder and DiT on cached VAE latents;
+3. sample a fixed prompt set covering every color, shape and direction and every
+   heldout combination, several seeds each;
+4. write ``W/samples/*.mp4``, a labelled GIF grid, a PNG contact sheet and
+   ``W/eval.json``, and print a results table.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import time
+
+import ml_collections
+import numpy as np
+
+from vdit import media
+from vdit.data import moving_shapes as ms
+
+
+def demo_prompts() -> list[tuple[str, tuple[str, str, str], str]]:
+    """The fixed prompt set: ``(prompt, (color, shape, direction), "train" | "heldout")``.
+
+    Twelve train-distribution combinations (every color twice, every shape four
+    times, every direction three times) and all heldout combinations.
+    """
+    out, heldout = [], set(ms.HELDOUT_COMBOS)
+    for i in range(12):
+        color, shape = ms.COLORS[i % 6], ms.SHAPES[i % 3]
+        for k in range(4):  # the first direction that keeps the combination in train
+            combo = (color, shape, ms.DIRECTIONS[(i + k) % 4])
+            if combo not in heldout:
+                break
+        out.append((ms.caption(*combo), combo, "train"))
+    out += [(ms.caption(*combo), combo, "heldout") for combo in ms.HELDOUT_COMBOS]
+    return out
+
+
+def labelled_grid(videos: np.ndarray, labels: list[str], columns: int, scale: int = 3) -> np.ndarray:
+    """A GIF-ready grid ``(T, H', W', 3)`` with each video upscaled and its label written above it."""
+    from PIL import Image, ImageDraw
+
+    videos = media.to_uint8(videos)
+    n, t, h, w, _ = videos.shape
+    big = videos.repeat(scale, axis=2).repeat(scale, axis=3)
+    band = 12
+    cells = np.zeros((n, t, h * scale + band, w * scale, 3), np.uint8)
+    cells[:, :, band:] = big
+    for i, label in enumerate(labels):
+        strip = Image.new("RGB", (w * scale, band))
+        ImageDraw.Draw(strip).text((1, 0), label, fill=(230, 230, 230))
+        cells[i, :, :band] = np.asarray(strip)
+    return media.grid(cells, columns)
+
+
+def quick_overrides() -> list[str]:
+    """``--quick``: the same pipeline at minutes scale (CI runs it end to end)."""
+    return ["data.frames=5", "data.resolution=16", "data.batch_size=16", "vae_train.steps=30",
+            "vae_train.checkpoint_every=30", "train.steps=30", "train.checkpoint_every=30", "train.eval_every=0",
+            "sample.steps=4"]
+
+
+def run_demo(workdir: str | pathlib.Path, *, quick: bool = False, data_dir: str | None = None,
+             seeds: int | None = None, config: ml_collections.ConfigDict | None = None,
+             progress: bool = True) -> dict:
+    """Runs the whole demo in ``workdir``; returns the evaluation results (also in ``W/eval.json``)."""
+    import jax
+
+    from vdit import evaluate
+    from vdit.config import load_config, override
+    from vdit.data.moving_shapes import prepare_moving_shapes
+    from vdit.data.pipeline import open_dataset
+    from vdit.loop import train
+    from vdit.sample import generate, load_pipeline
+
+    started = time.perf_counter()
+    workdir = pathlib.Path(workdir).absolute()
+    if config is None:
+        config = load_config("shapes_cpu")
+        if quick:
+            override(config, quick_overrides())
+    seeds = seeds or (2 if quick else 4)
+    # Enough distinct clips for the DiT's epochs, few enough to encode into the latent cache in minutes.
+    counts = dict(num_train=256, num_validation=64, num_heldout=64) if quick else dict(
+        num_train=4000, num_validation=500, num_heldout=500)
+    data_dir = data_dir or config.data.data_dir or str(workdir / "data")
+    with config.unlocked():
+        config.data.data_dir = data_dir
+        config.data.name = prepare_moving_shapes(data_dir, frames=config.data.frames, resolution=config.data.resolution,
+                                                 progress=progress, **counts)
+        config.train.latents = "cached"
+    timings = {"prepare_s": time.perf_counter() - started}
+
+    for phase in ("vae", "dit"):
+        t0 = time.perf_counter()
+        train(config, workdir, phase, progress=progress)
+        timings[f"train_{phase}_s"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    pipe = load_pipeline(workdir)
+    prompts = demo_prompts()
+    texts = [p for p, _, _ in prompts]
+    videos = generate(pipe, texts, num_per_prompt=seeds)
+    names = [f"{i:02d}_{media.slug(p)}_s{s}" for i, p in enumerate(texts) for s in range(seeds)]
+    samples = workdir / "samples"
+    paths = media.write_all(samples, videos, names)
+    labels = [f"{'H ' if split == 'heldout' else ''}{c} {s} {d}" for _, (c, s, d), split in prompts for _ in range(seeds)]
+    media.write_video(samples / "grid_labelled.gif", labelled_grid(videos, labels, columns=seeds * 4))
+    timings["sample_s"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    validation = open_dataset(config.data.name, data_dir, "validation")
+    real = np.stack([validation.source[i]["video"] for i in range(min(len(validation), 256))])
+    expected = [(combo, split) for _, combo, split in prompts for _ in range(seeds)]  # split follows HELDOUT_COMBOS
+    results = evaluate.evaluate_samples(videos, [combo for combo, _ in expected], real_videos=real,
+                                        vae=pipe.models.vae, vae_params=pipe.params["vae"], vae_videos=real[:64])
+    timings["eval_s"] = time.perf_counter() - t0
+    timings["total_s"] = time.perf_counter() - started
+    results.update(timings=timings, quick=quick, seeds=seeds, devices=f"{jax.device_count()} {jax.default_backend()}",
+                   samples=paths["grid"])
+    if jax.process_index() == 0:
+        evaluate.save_results(results, workdir / "eval.json")
+    print(evaluate.format_table(results))
+    return results
+
+
+def evaluate_workdir(workdir: str | pathlib.Path) -> dict:
+    """Re-runs the evaluation of a demo workdir's samples (``vdit eval``) and rewrites ``eval.json``."""
+    import json
+
+    from vdit import evaluate
+
+    workdir = pathlib.Path(workdir)
+    path = workdir / "eval.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found; run `vdit demo --workdir {workdir}` first")
+    previous = json.loads(path.read_text())
+    seeds = previous["seeds"]
+    prompts = demo_prompts()
+    names = [f"{i:02d}_{media.slug(p)}_s{s}" for i, (p, _, _) in enumerate(prompts) for s in range(seeds)]
+    videos = np.stack([media.read_video(workdir / "samples" / f"{n}.mp4") for n in names])
+    combos = [combo for _, combo, _ in prompts for _ in range(seeds)]
+    fresh = evaluate.evaluate_samples(videos, combos)
+    previous.update({k: v for k, v in fresh.items() if v is not None})
+    evaluate.save_results(previous, path)
+    print(evaluate.format_table(previous))
+    return previous
