@@ -1,27 +1,17 @@
-"""Wan2.1 T2V-14B: its DiT and VAE architectures (diffusers weights convert into them).
+"""Wan2.1 T2V-14B: the 1.3B config (``wan2_1_t2v_1_3b``) with the 14B DiT, at 720p.
 
-``arg``: ``host`` (default; one host, FSDP over its devices) or ``pod`` (multi-host:
-FSDP within 16-device groups, data parallel across them). The text encoder is vdit's
-byte encoder at Wan's text width (4096); umT5 plugs in through ``vdit.text.TextEncoder``.
+``arg``: ``host`` (default; FSDP over one host's devices) or ``pod`` (multi-host: FSDP
+within 32-device groups, data parallel across them).
 """
 
-from vdit.configs._base import base_config
+from vdit.configs import wan2_1_t2v_1_3b
 
 
 def get_config(arg=None):
     """Wan2.1-14B at 720p, 81 frames."""
-    c = base_config()
-    c.data.update(frames=81, resolution=720, batch_size=8)
-    c.vae.update(dtype="bfloat16")
-    c.text.update(max_length=512, width=4096, depth=2, num_heads=32, mlp_ratio=2.0, dtype="bfloat16")
-    c.dit.update(width=5120, depth=40, num_heads=40, mlp_dim=13824, text_dim=4096, freq_dim=256, remat="dots",
-                 scan_layers=True, attention_impl="chunked", dtype="bfloat16")
-    c.schedule.update(shift=5.0)
-    c.optim.update(lr=1e-4, warmup_steps=1000)
-    c.train.update(steps=100_000, checkpoint_every=1000, log_every=50)
-    c.sample.update(steps=50, cfg=5.0)
+    c = wan2_1_t2v_1_3b.get_config(arg)
+    c.data.update(resolution=720)
+    c.dit.update(width=5120, depth=40, num_heads=40, mlp_dim=13824)
     if (arg or "host") == "pod":
         c.mesh.update(data=-1, fsdp=32, tensor=1)
-    else:
-        c.mesh.update(data=1, fsdp=-1)
     return c
