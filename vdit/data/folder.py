@@ -30,6 +30,7 @@ from typing import Iterator
 import numpy as np
 import tensorflow_datasets as tfds
 
+from vdit.media import ensure_ffmpeg
 from vdit.data.common import (
     LocalBuilder,
     as_hw,
@@ -50,16 +51,6 @@ _CAPTION_KEYS = ("caption", "text", "prompt")
 
 class SkippedVideoWarning(UserWarning):
     """Some videos of a folder were skipped (corrupt, too short or without caption)."""
-
-
-def ensure_ffmpeg() -> None:
-    """Points mediapy at imageio-ffmpeg's ffmpeg binary when none is on ``PATH``."""
-    import mediapy
-
-    if not mediapy.video_is_available():
-        import imageio_ffmpeg
-
-        mediapy.set_ffmpeg(imageio_ffmpeg.get_ffmpeg_exe())
 
 
 # ----------------------------------------------------------------------------- captions
