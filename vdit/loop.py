@@ -79,22 +79,9 @@ def load_params(workdir: str | pathlib.Path, phase: str, config: ml_collections.
         if ckpt.latest_step() is None:
             cmd = f"vdit train --phase {phase} --workdir {workdir}"
             raise FileNotFoundError(f"no {phase} checkpoint in {directory}; train it first: {cmd}")
-        _, shardings = _abstract_shardings(init, tx, mesh, rules, ema=keep_ema)
-        target = T.abstract_state(shardings, init, tx, jax.random.PRNGKey(0), ema=keep_ema)
+        target = T.abstract_state(init, tx, mesh, rules, ema=keep_ema)
         _, state, _ = ckpt.restore(target)
     return state.ema if (ema and state.ema is not None) else state.params
-
-
-def _abstract_shardings(init, tx, mesh, rules, *, ema):
-    from vdit.sharding import logical_to_sharding
-
-    def full(key):
-        params = init(key)
-        return T.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                            ema=params if ema else None, key=key)
-
-    abstract = jax.eval_shape(full, jax.random.PRNGKey(0))
-    return abstract, logical_to_sharding(abstract, mesh, rules)
 
 
 def build_run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, phase: str, *,

@@ -135,6 +135,17 @@ def dit_loss(params, batch, key, frozen, *, models: Models, train: ml_collection
 # ----------------------------------------------------------------------------- state and step
 
 
+def state_initializer(init_params: Callable[[jax.Array], Any], tx, *, ema: bool) -> Callable[[jax.Array], TrainState]:
+    """``key -> TrainState`` with logically named (boxed) params: the fresh state of a phase."""
+
+    def init(key):
+        params = init_params(key)
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                          ema=params if ema else None, key=key)
+
+    return init
+
+
 def init_state(init_params: Callable[[jax.Array], Any], tx, key: jax.Array, mesh, rules, *, ema: bool):
     """Builds the train state directly sharded on ``mesh``; returns ``(state, shardings)``.
 
@@ -142,12 +153,7 @@ def init_state(init_params: Callable[[jax.Array], Any], tx, key: jax.Array, mesh
     axes, then materialised by a jitted init whose ``out_shardings`` place every
     shard on its device: no host ever holds the full state.
     """
-
-    def init(key):
-        params = init_params(key)
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                          ema=params if ema else None, key=key)
-
+    init = state_initializer(init_params, tx, ema=ema)
     with activation_sharding(mesh, rules):
         abstract = jax.eval_shape(init, key)
         shardings = logical_to_sharding(abstract, mesh, rules)
@@ -155,16 +161,11 @@ def init_state(init_params: Callable[[jax.Array], Any], tx, key: jax.Array, mesh
     return unbox(state), shardings
 
 
-def abstract_state(state_shardings, init_params, tx, key, *, ema: bool):
-    """``ShapeDtypeStruct``s with shardings of a train state: the restore target of a checkpoint."""
-
-    def init(key):
-        params = init_params(key)
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                          ema=params if ema else None, key=key)
-
-    shapes = unbox(jax.eval_shape(init, key))
-    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, state_shardings)
+def abstract_state(init_params: Callable[[jax.Array], Any], tx, mesh, rules, *, ema: bool):
+    """``ShapeDtypeStruct``s with shardings of a train state on ``mesh``: a checkpoint's restore target."""
+    abstract = jax.eval_shape(state_initializer(init_params, tx, ema=ema), jax.random.PRNGKey(0))
+    shardings = logical_to_sharding(abstract, mesh, rules)
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), unbox(abstract), shardings)
 
 
 def make_train_step(loss_fn: Callable, tx, lr_fn: optax.Schedule, *, ema_decay: float, grad_accum: int = 1):
