@@ -48,6 +48,38 @@ def dit_kwargs_from_config(config: Mapping[str, Any]) -> dict:
     )
 
 
+def wan_config_from_dit(dit, *, rope_max_seq_len: int = 1024) -> dict:
+    """The diffusers ``WanTransformer3DModel`` config of the same network as ``dit`` (a ``vdit.dit.DiT``).
+
+    The inverse of ``dit_kwargs_from_config``, and checked against it: the config maps
+    back onto ``dit``'s hyperparameters or this raises a one-line ValueError naming the
+    field diffusers cannot express. Execution options (attention backend, remat, scan,
+    dtypes) are not part of the network and are not compared.
+
+    Args:
+      dit: the vdit DiT module.
+      rope_max_seq_len: diffusers precomputes RoPE up to this many positions per axis.
+    """
+    if dit.width % dit.num_heads:
+        raise ValueError(f"DiT width {dit.width} must be divisible by num_heads {dit.num_heads}")
+    if dit.rope_theta != 10000.0:
+        raise ValueError(f"diffusers' Wan RoPE is fixed at theta=10000; this DiT has rope_theta={dit.rope_theta}")
+    config = dict(
+        patch_size=tuple(dit.patch_size), num_attention_heads=dit.num_heads,
+        attention_head_dim=dit.width // dit.num_heads, in_channels=dit.in_channels,
+        out_channels=dit.out_channels or dit.in_channels, text_dim=dit.text_dim, freq_dim=dit.freq_dim,
+        ffn_dim=dit.mlp_dim, num_layers=dit.depth, cross_attn_norm=dit.cross_attn_norm,
+        qk_norm="rms_norm_across_heads" if dit.qk_norm else None, eps=dit.eps, image_dim=None,
+        added_kv_proj_dim=None, rope_max_seq_len=rope_max_seq_len, pos_embed_seq_len=None,
+    )
+    for key, value in dit_kwargs_from_config(config).items():
+        mine = getattr(dit, key)
+        mine = tuple(mine) if key == "patch_size" else (mine or dit.in_channels) if key == "out_channels" else mine
+        if value != mine:
+            raise ValueError(f"DiT {key}={mine!r} has no diffusers Wan equivalent (Wan implies {value!r})")
+    return config
+
+
 def convert_wan_dit(model_or_state_dict, config: Mapping[str, Any] | None = None, *, scan_layers: bool = False):
     """Converts a Wan2.1 transformer into ``(DiT kwargs, params)``.
 
