@@ -8,7 +8,7 @@ import pytest
 from vdit.config import available_configs, load_config, override
 from vdit.models import build_models, param_counts
 
-SHIPPED = ["shapes_cpu", "small", "tiny", "wan2_1_t2v_14b", "wan2_1_t2v_1_3b"]
+SHIPPED = ["bench_cpu", "shapes_cpu", "small", "tiny", "wan2_1_t2v_14b", "wan2_1_t2v_1_3b"]
 
 
 def test_shipped_configs_are_listed_and_build():

@@ -206,6 +206,10 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--out", required=True, help="output folder (one subfolder per model)")
     convert.add_argument("--overwrite", action="store_true", help="replace existing converted models in OUT")
     convert.set_defaults(func=_cmd_convert)
+
+    from vdit.bench.command import add_parser as add_bench_parser
+
+    add_bench_parser(sub)
     return parser
 
 
@@ -226,7 +230,9 @@ def _split_overrides(argv: list[str]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``vdit`` console script."""
     parser = build_parser()
-    args = parser.parse_args(_split_overrides(sys.argv[1:] if argv is None else argv))
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(_split_overrides(argv))
+    args.argv = argv  # the command as typed, stamped on benchmark results
     try:
         args.func(args)
     except (ValueError, FileNotFoundError) as e:

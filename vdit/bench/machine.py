@@ -1,0 +1,115 @@
+"""Where and when a benchmark ran: device, CPU, library versions, date and machine load.
+
+Absolute numbers only mean something next to this stamp, so every result carries it.
+"""
+
+from __future__ import annotations
+
+import datetime
+import importlib.metadata
+import os
+import platform
+
+import jax
+
+# Dense bf16 peak FLOP/s from vendor spec sheets, matched in order against JAX's
+# ``device_kind`` (first match wins, so the specific names come first).
+SPEC_PEAK_BF16 = (
+    ("H100 PCIe", 756e12),
+    ("H100", 989e12),
+    ("H200", 989e12),
+    ("A100", 312e12),
+    ("TPU v4", 275e12),
+    ("TPU v5 lite", 197e12),
+    ("TPU v5e", 197e12),
+    ("TPU v5", 459e12),  # v5p
+    ("TPU v6 lite", 918e12),  # v6e (Trillium)
+)
+_PACKAGES = ("jax", "jaxlib", "flax", "torch", "diffusers")
+
+
+def spec_peak(device_kind: str, dtype: str) -> float | None:
+    """Spec-sheet dense peak FLOP/s of ``device_kind`` in ``dtype``; None if unknown (CPUs, f32)."""
+    if dtype != "bfloat16":
+        return None
+    return next((peak for name, peak in SPEC_PEAK_BF16 if name in device_kind), None)
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (or the platform's description)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cpu_cores() -> int:
+    """Cores this process may run on: the size of XLA:CPU's thread pool, and torch's."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def versions() -> dict[str, str | None]:
+    """Installed versions of the libraries that set the numbers (None when not installed)."""
+    out = {"python": platform.python_version()}
+    for name in _PACKAGES:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def load_average() -> float | None:
+    """The 1-minute load average (None where the OS has none)."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        return None
+
+
+def machine_info() -> dict:
+    """The stamp of a run: device, CPU, memory, versions, UTC date, and the load before it started.
+
+    ``busy`` is set when other work already kept at least half the cores busy
+    (1-minute load average >= cores / 2) as the run began: its timings are suspect.
+    """
+    device = jax.devices()[0]
+    cores = cpu_cores()
+    load = load_average()
+    try:
+        mem_gib = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
+    except (ValueError, OSError, AttributeError):
+        mem_gib = None
+    return {
+        "backend": jax.default_backend(),
+        "device_kind": device.device_kind,
+        "device_count": jax.device_count(),
+        "cpu": cpu_model(),
+        "cores": cores,
+        "memory_gib": mem_gib,
+        "versions": versions(),
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "load_before": load,
+        "busy": load is not None and load >= cores / 2,
+    }
+
+
+def describe(machine: dict) -> str:
+    """One line naming the machine, versions, date and load of a result's stamp."""
+    v = machine["versions"]
+    if machine["backend"] == "cpu":
+        where = f"{machine['cpu']}, {machine['cores']} cores"
+    else:
+        where = f"{machine['device_kind']} ({machine['backend']}), host {machine['cpu']}"
+    libs = ", ".join(f"{k} {v[k]}" for k in ("jax", "torch", "diffusers") if v.get(k))
+    load = machine.get("load_before")
+    state = ""
+    if load is not None:
+        state = f"; load {load:g} before, {machine.get('load_after', float('nan')):g} after"
+        state += " (**busy machine**)" if machine.get("busy") else ""
+    note = f"; {machine['note']}" if machine.get("note") else ""
+    return f"{where}; {libs}; {machine['date']}{state}{note}"

@@ -1,0 +1,218 @@
+"""DiT train-step benchmark: step time, model FLOP/s against the measured GEMM peak,
+compile time and memory per remat policy and scan setting, and the diffusers peer.
+
+The step is vdit's own (``vdit.train.make_train_step`` over ``dit_loss``, jitted by
+``jit_train_step``: flow-matching loss, AdamW with clipping, EMA) on random latents,
+with the text embeddings given as input (``PrecomputedText``): the DiT alone, which
+is exactly what the diffusers peer runs. Parameters are f32; matmuls run in the
+config's ``dit.dtype``.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import functools
+from typing import Any, Callable
+
+import jax
+import ml_collections
+import numpy as np
+
+from vdit import train as T
+from vdit.attention import backend_unavailable_reason
+from vdit.bench import flops as F
+from vdit.bench.machine import cpu_cores, spec_peak
+from vdit.bench.memory import memory_stats, train_memory_estimate
+from vdit.bench.timing import compile_timed, gemm_peak, measure
+from vdit.config import override
+from vdit.dit import REMAT_POLICIES, count_params
+from vdit.models import Models, build_models
+from vdit.sharding import activation_sharding, batch_sharding, make_mesh, rules_from_config, unbox
+
+
+@dataclasses.dataclass(frozen=True)
+class PrecomputedText:
+    """A text "encoder" whose input already is the embedding ``(B, L, width)``: the DiT-only step.
+
+    It stands in for ``Models.text`` so ``vdit.train.dit_loss`` runs unchanged while
+    the batch's ``text_ids`` carry embeddings, as diffusers' transformer takes them.
+    """
+
+    width: int
+    max_length: int
+
+    def apply(self, params, emb, mask):
+        del params, mask
+        return emb
+
+
+def bench_geometry(config: ml_collections.ConfigDict, models: Models) -> tuple[tuple[int, ...], int]:
+    """``(latent shape (t, h, w, c) of one example, text length)`` of a config's data and models."""
+    res = config.data.resolution
+    shape = models.vae.latent_shape((1, config.data.frames, res, res, models.vae.in_channels))[1:]
+    return tuple(int(s) for s in shape), int(models.text.max_length)
+
+
+def random_batch(dit, batch: int, latent_shape: tuple[int, ...], text_len: int, seed: int = 0) -> dict:
+    """Random latents, text embeddings and an all-true mask (a step's cost does not depend on values)."""
+    rng = np.random.default_rng(seed)
+    return {"latents": rng.standard_normal((batch, *latent_shape)).astype(np.float32),
+            "text_ids": rng.standard_normal((batch, text_len, dit.text_dim)).astype(np.float32),
+            "text_mask": np.ones((batch, text_len), bool)}
+
+
+def _variant(config, models: Models, batch_np: dict, *, warmup: int, repeats: int) -> dict:
+    """Compiles and times vdit's DiT train step for ``models.dit``'s remat/scan setting."""
+    dit = models.dit
+    mesh = make_mesh({"data": 1}, jax.devices()[:1])
+    rules = rules_from_config(config.sharding_rules)
+    tx = T.make_optimizer(config.optim, config.train.steps)
+    latents, emb, mask = batch_np["latents"][:1], batch_np["text_ids"][:1], batch_np["text_mask"][:1]
+    init = lambda key: {"dit": dit.init(key, latents, np.zeros(1, np.float32), emb, mask)["params"], "text": {}}  # noqa: E731
+    state, shardings = T.init_state(init, tx, jax.random.PRNGKey(config.seed), mesh, rules, ema=True)
+    num_params = count_params(unbox(state.params["dit"]))
+    loss = functools.partial(T.dit_loss, models=models, train=config.train, schedule_cfg=config.schedule,
+                             uncond=None)
+    step_fn = T.make_train_step(loss, tx, T.learning_rate(config.optim, config.train.steps),
+                                ema_decay=config.train.ema_decay)
+    run = T.jit_train_step(step_fn, mesh, rules, shardings, {k: v.ndim for k, v in batch_np.items()})
+    batch = {k: jax.device_put(v, batch_sharding(mesh, v.ndim)) for k, v in batch_np.items()}
+    with activation_sharding(mesh, rules):
+        compiled, compile_s = compile_timed(run.jitted, state, batch, None)
+    holder = [state]
+
+    def one_step():  # returns the new state too, so the timer waits for all of the step
+        holder[0], metrics = compiled(holder[0], batch, None)
+        return holder[0], metrics
+
+    timing = measure(one_step, warmup=warmup, repeats=repeats) if repeats else None
+    return {"compile_s": compile_s, "memory": memory_stats(compiled), "timing": timing,
+            "num_params": num_params}
+
+
+def _throughput(step_s: float | None, train_flops: float, tokens: int, peak: float, spec: float | None) -> dict:
+    if step_s is None:
+        return {"step_s": None, "tokens_per_s": None, "model_flops_per_s": None, "frac_gemm_peak": None,
+                "mfu_spec": None}
+    achieved = train_flops / step_s
+    return {"step_s": step_s, "tokens_per_s": tokens / step_s, "model_flops_per_s": achieved,
+            "frac_gemm_peak": achieved / peak, "mfu_spec": achieved / spec if spec else None}
+
+
+def bench_train(config: ml_collections.ConfigDict, *, batch: int | None = None, remats: list[str] | None = None,
+                scans: list[bool] | None = None, warmup: int = 1, repeats: int = 5, peer: bool = False,
+                xcheck: bool = True, log: Callable[[str], Any] = print) -> dict:
+    """Benchmarks the DiT train step of ``config`` for each remat policy x scan setting.
+
+    Args:
+      config: a vdit config; its ``data.frames``/``data.resolution`` and VAE set the
+        latent shape, ``text.max_length`` the text length, ``dit.*`` the model.
+      batch: examples per step (default ``data.batch_size``).
+      remats: remat policies to compare (default: the config's).
+      scans: scan-over-layers settings to compare (default: the config's).
+      warmup: untimed steps before timing.
+      repeats: timed steps (the median is reported); 0 compiles only (memory, no time).
+      peer: also time diffusers' WanTransformer3DModel doing the same step in torch.
+      xcheck: cross-check the analytic FLOPs against XLA's cost analysis of the unrolled model.
+      log: receives one progress line per measurement.
+
+    Returns:
+      The result dict (``kind="train"``): ``setup``, ``flop_check``, ``rows`` (one per
+      variant) and ``peer`` (None without ``peer``).
+    """
+    config = override(copy.deepcopy(config), ["train.text_dropout=0.0"])  # embeddings are inputs: no dropout
+    reason = backend_unavailable_reason(config.dit.attention_impl)
+    if reason:
+        raise ValueError(reason)
+    unknown = sorted(set(remats or []) - set(REMAT_POLICIES))
+    if unknown:
+        raise ValueError(f"unknown remat policies {unknown}; expected some of {sorted(REMAT_POLICIES)}")
+    models = build_models(config)
+    models = dataclasses.replace(models, text=PrecomputedText(models.text.width, models.text.max_length))
+    batch = int(batch or config.data.batch_size)
+    latent_shape, text_len = bench_geometry(config, models)
+    dit = models.dit
+    dtype = str(config.dit.dtype)
+    tokens = batch * F.tokens_per_example(dit, latent_shape)
+    breakdown = F.dit_forward_flops(dit, latent_shape, text_len, batch)
+    train_flops = F.TRAIN_FACTOR * sum(breakdown.values())
+    log(f"[train] {tokens} tokens/step ({batch} x {latent_shape}), {train_flops / 1e9:.1f} GFLOP/step; "
+        f"measuring the {dtype} GEMM peak")
+    gemm = {"xla": gemm_peak(dtype, repeats=max(repeats, 3))}
+
+    flop_check = []
+    if xcheck:
+        for train_mode in (False, True):
+            check = F.cross_check(dit, latent_shape, text_len, batch, train=train_mode)
+            log(f"[train] FLOP check ({check['mode']}, unrolled): XLA/analytic = {check['ratio']:.4f}")
+            flop_check.append(check)
+
+    batch_np = random_batch(dit, batch, latent_shape, text_len, config.seed)
+    variants = []
+    for remat in remats or [dit.remat]:
+        for scan in scans if scans is not None else [dit.scan_layers]:
+            variant = dataclasses.replace(models, dit=dit.clone(remat=remat, scan_layers=scan))
+            log(f"[train] remat={remat} scan_layers={scan}: compiling and timing {repeats} steps")
+            out = _variant(config, variant, batch_np, warmup=warmup, repeats=repeats)
+            step_s = out["timing"].median if out["timing"] else None
+            log(f"[train] remat={remat} scan_layers={scan}: compile {out['compile_s']:.1f} s, "
+                + (f"step {step_s:.4f} s" if step_s else "not timed"))
+            variants.append((variant.dit, out))
+    num_params = variants[0][1]["num_params"]
+
+    peer_out = None
+    if peer:
+        peer_out = _bench_peer(config, dit, batch_np, warmup=warmup, repeats=repeats, log=log)
+        gemm["torch"] = peer_out.pop("gemm")
+    peak = max(g["flops_per_s"] for g in gemm.values())
+    spec = spec_peak(jax.devices()[0].device_kind, dtype)
+
+    rows = []
+    for vdit_dit, out in variants:
+        step_s = out["timing"].median if out["timing"] else None
+        estimate = train_memory_estimate(vdit_dit, num_params, batch, F.tokens_per_example(dit, latent_shape), text_len)
+        batch_bytes = sum(v.nbytes for v in batch_np.values())
+        rows.append({
+            "remat": vdit_dit.remat, "scan_layers": vdit_dit.scan_layers, "compile_s": out["compile_s"],
+            "timing": out["timing"].as_dict() if out["timing"] else None,
+            **_throughput(step_s, train_flops, tokens, peak, spec),
+            "vs_peer": step_s / peer_out["step_s"] if (peer_out and peer_out["step_s"] and step_s) else None,
+            "memory": out["memory"], "estimate": estimate,
+            "temp_ratio": out["memory"]["temp_bytes"] / estimate["temp_bytes"],
+            "state_ratio": (out["memory"]["argument_bytes"] - batch_bytes) / estimate["state_bytes"],
+        })
+    if peer_out:
+        peer_out.update(_throughput(peer_out["step_s"], train_flops, tokens, peak, spec))
+
+    arch = ("width", "depth", "num_heads", "mlp_dim", "text_dim", "freq_dim", "in_channels", "attention_impl")
+    setup = {
+        "dit": {k: getattr(dit, k) for k in arch} | {"patch_size": list(dit.patch_size), "dtype": dtype},
+        "params": num_params, "batch": batch, "latent_shape": list(latent_shape), "text_len": text_len,
+        "tokens_per_example": F.tokens_per_example(dit, latent_shape), "tokens_per_step": tokens,
+        "forward_flops": breakdown, "train_flops_per_step": train_flops, "gemm": gemm, "gemm_peak": peak,
+        "spec_peak": spec, "cores": cpu_cores(), "warmup": warmup, "repeats": repeats,
+    }
+    return {"kind": "train", "setup": setup, "flop_check": flop_check, "rows": rows, "peer": peer_out}
+
+
+def _bench_peer(config, dit, batch_np: dict, *, warmup: int, repeats: int, log) -> dict:
+    """Times diffusers' WanTransformer3DModel doing vdit's train step, after proving it is the same network."""
+    from vdit.bench import peer as P
+
+    threads = cpu_cores()
+    with P.torch_threads(threads):
+        model = P.build_peer(dit, seed=config.seed)
+        parity = P.peer_parity(dit, model)
+        log(f"[train] peer: {parity['params_peer']:,} params (vdit {parity['params_vdit']:,}), converted outputs "
+            f"differ by {parity['max_abs_diff']:.1e}; measuring torch's GEMM peak")
+        dtype = str(config.dit.dtype)
+        gemm = P.torch_gemm_peak(dtype, repeats=max(repeats, 3))
+        step = P.peer_train_step(model, batch_np["latents"], batch_np["text_ids"], optim=config.optim,
+                                 ema_decay=config.train.ema_decay, dtype=dtype)
+        log(f"[train] peer: timing {repeats} diffusers steps on {threads} torch threads")
+        timing = measure(step, warmup=warmup, repeats=repeats) if repeats else None
+    log(f"[train] peer: step {timing.median:.4f} s" if timing else "[train] peer: not timed")
+    return {"library": "diffusers WanTransformer3DModel (torch eager)", "threads": threads, "parity": parity,
+            "timing": timing.as_dict() if timing else None, "step_s": timing.median if timing else None,
+            "gemm": gemm}
