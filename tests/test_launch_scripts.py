@@ -116,6 +116,7 @@ def test_accelerator_types_resolve_to_hosts_and_devices(accelerator, hosts, devi
     ({"--accelerator-type": "v4-12"}, "v4-12: no such slice size (TensorCores)"),
     ({"--accelerator-type": "v4-8", "extra": "--config.mesh.fsdp=8"}, "v4-8 has 4 devices: mesh data=1 x fsdp=8 "),
     ({"extra": "--config.mesh.tensor=3"}, "mesh data=1 x fsdp=-1 x context=1 x tensor=3 cannot fill 32 devices"),
+    ({"extra": "--config.data.batch_size=40"}, "data.batch_size=40 must be a multiple of 32 on v5p-64: divisible by data x fsdp = 32 and by its 8 processes"),
     ({"--workdir": "/home/me/run"}, "is a local path but its 8 hosts must share it; use gs://BUCKET/path"),
     ({"--workdir": "gs://"}, "'gs://' names no bucket"),
     ({"extra": "--config.mesh.fdsp=2"}, "unknown config key 'mesh.fdsp'; did you mean 'mesh.fsdp'?"),
@@ -239,3 +240,36 @@ def test_slurm_bad_input_is_a_one_line_error(args, message):
     result = sbatch(*args)
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr.count("\n") == 1 and result.stderr.startswith(f"train.sbatch: error: {message}")
+
+
+# ------------------------------------------------------------------ the documented commands
+
+
+def documented_commands():
+    """``(file, argv)`` of every shell command in the README's and docs' bash blocks."""
+    import re
+
+    for path in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]:
+        for block in re.findall(r"```bash\n(.*?)```", path.read_text(), re.S):
+            for line in block.replace("\\\n", " ").splitlines():
+                if words := shlex.split(line, comments=True):
+                    yield path.name, words
+
+
+def test_documented_launch_commands_fit_their_machines():
+    """Every launcher and sbatch command in the docs passes the pre-flight checks (mesh, batch, flags)."""
+    checked = []
+    for name, words in documented_commands():
+        if words[:3] == ["python", "scripts/tpu_vm/launch.py", "train"]:
+            args = launch.build_parser().parse_args(words[2:])
+            args.train_args = args.train_args[1:] if args.train_args[:1] == ["--"] else args.train_args
+            launch.make_plan(args)
+        elif words[0] == "sbatch":
+            script = words.index("scripts/slurm/train.sbatch")
+            nodes = int(next((w.split("=")[1] for w in words[1:script] if w.startswith("--nodes=")), 2))
+            _, config = launch.parse_train_args(words[script + 1:])
+            launch.check_mesh_and_batch(config, 8 * nodes, 8 * nodes, f"{nodes} nodes x 8 GPUs")
+        else:
+            continue
+        checked.append(name)
+    assert checked.count("README.md") >= 3 and len(checked) >= 6, checked

@@ -229,31 +229,61 @@ def _moving_shapes_prepare(name: str, config) -> tuple[str, list[str]]:
     return f"moving_shapes/{variant}", ["moving_shapes", *[f"--{k}={v}" for k, v in flags.items()]]
 
 
+def parse_train_args(train_args: Sequence[str]):
+    """``vdit train``'s arguments parsed by vdit's own parser, and the config they select.
+
+    Returns:
+      ``(parsed arguments, config with the overrides applied)``.
+
+    Raises:
+      ValueError: multi-process flags (the launchers add them), unknown arguments, bad config keys.
+    """
+    from vdit.cli import _split_overrides, build_parser
+    from vdit.config import load_config, override
+
+    multi_process = {"--distributed", "--coordinator", "--num_processes", "--process_id"}
+    if multi_process & {a.partition("=")[0] for a in train_args}:
+        raise ValueError("leave --distributed and its flags out of vdit train's arguments; the launcher adds them")
+    parsed, unknown = build_parser().parse_known_args(["train", *_split_overrides(list(train_args))])
+    if unknown:
+        raise ValueError(f"unexpected vdit train arguments {' '.join(unknown)}; "
+                         "expected --config, --workdir, --phase and overrides")
+    return parsed, override(load_config(parsed.config), parsed.overrides)
+
+
+def check_mesh_and_batch(config, devices: int, processes: int, where: str) -> dict[str, int]:
+    """The config's mesh resolved on ``devices``; the batch sizes must suit it and ``processes``.
+
+    ``vdit train`` checks the same, but only once the machines are up and paid for.
+
+    Raises:
+      ValueError: one line naming ``where``, the mesh or batch, and what would fit.
+    """
+    from vdit.sharding import MESH_AXES, resolve_mesh_shape
+
+    try:
+        mesh = dict(zip(MESH_AXES, resolve_mesh_shape(dict(config.mesh), devices)))
+    except ValueError as e:
+        raise ValueError(f"{where} has {devices} devices: {e}") from None
+    divisor = math.lcm(mesh["data"] * mesh["fsdp"], processes)
+    for key, batch in (("data.batch_size", config.data.batch_size), ("vae_train.batch_size", config.vae_train.batch_size)):
+        if batch and batch % divisor:
+            raise ValueError(f"{key}={batch} must be a multiple of {divisor} on {where}: divisible by "
+                             f"data x fsdp = {mesh['data'] * mesh['fsdp']} and by its {processes} processes")
+    return mesh
+
+
 def make_plan(args: argparse.Namespace) -> TrainPlan:
-    """Validates the request (slice, vdit train arguments, config, mesh) and builds the plan.
+    """Validates the request (slice, vdit train arguments, config, mesh, batch) and builds the plan.
 
     Raises:
       ValueError: one line naming what was wrong and what was expected.
     """
-    from vdit.cli import _split_overrides, build_parser
-    from vdit.config import load_config, override
-    from vdit.sharding import resolve_mesh_shape
-
     tpu = parse_accelerator_type(args.accelerator_type)
     if args.runtime_version:
         tpu = dataclasses.replace(tpu, runtime=args.runtime_version)
-    multi_process = {"--distributed", "--coordinator", "--num_processes", "--process_id"}
-    if multi_process & {a.partition("=")[0] for a in args.train_args}:
-        raise ValueError("leave --distributed and its flags out of vdit train's arguments; the launcher adds them")
-    parsed, unknown = build_parser().parse_known_args(["train", *_split_overrides(list(args.train_args))])
-    if unknown:
-        raise ValueError(f"unexpected vdit train arguments {' '.join(unknown)}; "
-                         "expected --config, --workdir, --phase and overrides")
-    config = override(load_config(parsed.config), parsed.overrides)
-    try:
-        resolve_mesh_shape(dict(config.mesh), tpu.devices)
-    except ValueError as e:
-        raise ValueError(f"{tpu.accelerator_type} has {tpu.devices} devices: {e}") from None
+    parsed, config = parse_train_args(args.train_args)
+    check_mesh_and_batch(config, tpu.devices, tpu.hosts, tpu.accelerator_type)
 
     workdir, bucket = _gcs_to_mount(parsed.workdir)
     if bucket is None and (tpu.hosts > 1 or args.spot):
