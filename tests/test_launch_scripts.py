@@ -140,12 +140,15 @@ def test_bad_input_is_a_one_line_error(change, message, capsys):
 class FakeShell(launch.Shell):
     """Answers `describe` and `status` from scripts and records every command."""
 
-    def __init__(self, states, statuses):
-        self.states, self.statuses, self.log = list(states), list(statuses), []
+    def __init__(self, states, statuses, fail_once=()):
+        self.states, self.statuses, self.log, self.fail_once = list(states), list(statuses), [], set(fail_once)
 
     def run(self, cmd, *, check=True):
         kind = self.kind(cmd)
         self.log.append(kind)
+        if kind in self.fail_once:
+            self.fail_once.remove(kind)
+            raise subprocess.CalledProcessError(255, cmd)
         return {"describe": lambda: self.states.pop(0), "status": lambda: self.statuses.pop(0)}.get(kind, str)()
 
     def stream(self, cmd):
@@ -188,6 +191,13 @@ def test_watch_loop_relaunches_after_preemption_until_training_finishes():
         "describe", "status", "train", "sleep",              # vdit stopped on SIGTERM, slice still up: restart
         "describe", "status",                                # finished
     ]
+
+
+def test_watch_loop_retries_setup_when_ssh_fails():
+    shell = FakeShell(states=["ACTIVE", "ACTIVE", "ACTIVE"], statuses=["finished 3"], fail_once=["mount"])
+    assert launch.run_train(_pod_plan(), shell=shell, poll_seconds=1, max_relaunches=1, log=lambda _: None) == 3
+    assert shell.log == ["create", "describe", "install", "mount", "sleep",
+                         "describe", "install", "mount", "prepare", "train", "logs", "sleep", "describe", "status"]
 
 
 def test_watch_loop_gives_up_after_max_relaunches():

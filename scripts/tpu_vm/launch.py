@@ -41,6 +41,7 @@ MOUNT_ROOT = "/gcs"  # gs://BUCKET/path is /gcs/BUCKET/path on every worker
 REMOTE_DIR = "~/vdit"  # the train log and exit status on each worker
 WAITING = ("ACCEPTED", "CREATING", "WAITING_FOR_RESOURCES", "PROVISIONING")
 PREEMPTED = ("SUSPENDING", "SUSPENDED", "FAILED")
+MAX_SETUP_ATTEMPTS = 5  # per slice: ssh to a new TPU VM can fail until its keys propagate
 
 
 @dataclasses.dataclass(frozen=True)
@@ -363,7 +364,7 @@ def run_train(plan: TrainPlan, *, shell: Shell, poll_seconds: int, max_relaunche
     Returns:
       ``vdit train``'s exit status on worker 0 (0 when training finished).
     """
-    relaunches, launched, tail = 0, False, None
+    relaunches, setup_failures, launched, tail = 0, 0, False, None
 
     def stop_tail():
         nonlocal tail
@@ -387,17 +388,26 @@ def run_train(plan: TrainPlan, *, shell: Shell, poll_seconds: int, max_relaunche
                 shell.run(plan.target.delete(), check=False)
                 shell.run(plan.create())
             elif state == "ACTIVE" and not launched:
-                for cmd in plan.setup():
-                    shell.run(cmd)
-                shell.run(plan.launch())
-                launched = True
-                tail = shell.stream(plan.target.logs())
+                try:
+                    for cmd in plan.setup():
+                        shell.run(cmd)
+                    shell.run(plan.launch())
+                except subprocess.CalledProcessError as e:
+                    # A fresh VM often refuses ssh for a while; every setup step is idempotent.
+                    setup_failures += 1
+                    if setup_failures > MAX_SETUP_ATTEMPTS:
+                        raise
+                    log(f"setting up {plan.target.name} failed ({e.cmd[4]} exited {e.returncode}); "
+                        f"retrying ({setup_failures}/{MAX_SETUP_ATTEMPTS})")
+                else:
+                    launched, setup_failures = True, 0
+                    tail = shell.stream(plan.target.logs())
             elif state == "ACTIVE":
                 words = shell.run(plan.target.status(), check=False).split()
                 if words[:1] == ["finished"]:
                     code = int(words[1]) if len(words) > 1 and words[1].lstrip("-").isdigit() else 1
                     log(f"training exited with status {code}; release the slice with: "
-                        f"{shlex.join(sys.argv[:1])} delete --name {plan.target.name} --zone {plan.target.zone}")
+                        f"python {sys.argv[0]} delete --name {plan.target.name} --zone {plan.target.zone}")
                     return code
                 if words[:1] == ["preempted"]:
                     # vdit saved and exited on a SIGTERM (maintenance) while the slice stayed up: restart it.
@@ -462,7 +472,14 @@ def main(argv: Sequence[str] | None = None, shell: Shell | None = None) -> int:
             if args.dry_run:
                 print_dry_run(plan, args.poll_seconds)
                 return 0
-            return run_train(plan, shell=shell, poll_seconds=args.poll_seconds, max_relaunches=args.max_relaunches)
+            try:
+                return run_train(plan, shell=shell, poll_seconds=args.poll_seconds,
+                                 max_relaunches=args.max_relaunches)
+            except KeyboardInterrupt:
+                print(f"\nlaunch.py: stopped watching; the slice and training keep running. Follow with "
+                      f"`python {sys.argv[0]} logs --name {args.name} --zone {args.zone}`, release with "
+                      f"`... delete`.", file=sys.stderr)
+                return 130
         target = Target(args.name, args.zone, args.project)
         cmd = target.logs() if args.command == "logs" else target.delete()
         if args.dry_run:
