@@ -116,7 +116,8 @@ def add_parser(sub) -> None:
         p = kinds.add_parser(name, help=help_, description=help_)
         p.add_argument("--config", required=True, help="config name (bench_cpu, tiny, small, ...) or path.py[:arg]")
         p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. dit.dtype=bfloat16")
-        p.add_argument("--repeats", type=int, default=5, help="timed runs, median reported (default 5; 0 = compile only)")
+        p.add_argument("--repeats", type=int, default=5,
+                       help="timed runs, median reported (default 5; 0 = compile only)")
         p.add_argument("--warmup", type=int, default=1, help="untimed runs first (default 1)")
         p.add_argument("--json", help="write the result (with machine stamp) to this file")
         p.add_argument("--note", help="free text stamped on the result, e.g. 'busy machine'")
@@ -143,13 +144,15 @@ def add_parser(sub) -> None:
     vae.add_argument("--resolution", type=int, help="frame size in pixels (default: data.resolution)")
 
     attn = kind("attention", "attention backends: time and memory against sequence length")
-    attn.add_argument("--seq", type=_csv(int), default=_csv(int)(DEFAULT_SEQS), help=f"lengths (default {DEFAULT_SEQS})")
+    attn.add_argument("--seq", type=_csv(int), default=_csv(int)(DEFAULT_SEQS),
+                      help=f"lengths (default {DEFAULT_SEQS})")
     attn.add_argument("--impl", type=_csv(str), help="backends (default xla,chunked)")
     attn.add_argument("--batch", type=int, default=1, help="examples (default 1)")
     attn.add_argument("--mem_limit_gb", type=float, help="do not run lengths needing more (default: half the memory)")
 
     rep = kinds.add_parser("report", help="print results, or fill docs/performance.md with them",
-                           description="Renders result JSON files; with --docs, replaces their sections in a markdown file.")
+                           description="Renders result JSON files; with --docs, replaces their sections in a "
+                           "markdown file.")
     rep.add_argument("results", nargs="+", help="result JSON files written with --json")
     rep.add_argument("--docs", help="markdown file with <!-- bench:SECTION --> regions to fill")
     rep.set_defaults(func=cmd_bench)

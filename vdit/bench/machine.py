@@ -8,7 +8,9 @@ from __future__ import annotations
 import datetime
 import importlib.metadata
 import os
+import pathlib
 import platform
+import subprocess
 
 import jax
 
@@ -63,6 +65,24 @@ def versions() -> dict[str, str | None]:
     return out
 
 
+def code_version() -> str | None:
+    """The git commit of the vdit checkout that runs, ``+dirty`` when its code or configs have
+    uncommitted changes; None outside a git checkout (an installed wheel)."""
+    root = pathlib.Path(__file__).resolve().parents[2]
+
+    def git(*args):
+        return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=10)
+
+    try:
+        head = git("rev-parse", "--short", "HEAD")
+        if head.returncode:
+            return None
+        dirty = git("status", "--porcelain", "--", "vdit", "configs").stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head.stdout.strip() + ("+dirty" if dirty else "")
+
+
 def load_average() -> float | None:
     """The 1-minute load average (None where the OS has none)."""
     try:
@@ -92,6 +112,7 @@ def machine_info() -> dict:
         "cores": cores,
         "memory_gib": mem_gib,
         "versions": versions(),
+        "code": code_version(),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "load_before": load,
         "busy": load is not None and load >= cores / 2,
@@ -106,6 +127,8 @@ def describe(machine: dict) -> str:
     else:
         where = f"{machine['device_kind']} ({machine['backend']}), host {machine['cpu']}"
     libs = ", ".join(f"{k} {v[k]}" for k in ("jax", "torch", "diffusers") if v.get(k))
+    if machine.get("code"):
+        libs = f"vdit {machine['code']}, {libs}"
     load = machine.get("load_before")
     state = ""
     if load is not None:

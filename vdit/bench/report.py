@@ -48,7 +48,8 @@ def _render_train(r: dict) -> str:
     gemm = ", ".join(f"{g['flops_per_s'] * k:.4g} {unit} ({name}, n={g['n']})" for name, g in s["gemm"].items())
     fwd = s["forward_flops"]
     total = sum(fwd.values())
-    shares = ", ".join(f"{name} {v / total:.0%}" for name, v in sorted(fwd.items(), key=lambda kv: -kv[1]) if v / total >= 0.01)
+    big = sorted(((v, name) for name, v in fwd.items() if v / total >= 0.01), reverse=True)
+    shares = ", ".join(f"{name} {v / total:.0%}" for v, name in big)
     lines = [
         f"DiT {s['params']:,} parameters (width {d['width']}, depth {d['depth']}, {d['num_heads']} heads, MLP "
         f"{d['mlp_dim']}), {d['dtype']} matmuls, `{d['attention_impl']}` attention; {s['batch']} x latents "

@@ -69,7 +69,10 @@ def _variant(config, models: Models, batch_np: dict, *, warmup: int, repeats: in
     rules = rules_from_config(config.sharding_rules)
     tx = T.make_optimizer(config.optim, config.train.steps)
     latents, emb, mask = batch_np["latents"][:1], batch_np["text_ids"][:1], batch_np["text_mask"][:1]
-    init = lambda key: {"dit": dit.init(key, latents, np.zeros(1, np.float32), emb, mask)["params"], "text": {}}  # noqa: E731
+
+    def init(key):  # the DiT's params; PrecomputedText has none
+        return {"dit": dit.init(key, latents, np.zeros(1, np.float32), emb, mask)["params"], "text": {}}
+
     state, shardings = T.init_state(init, tx, jax.random.PRNGKey(config.seed), mesh, rules, ema=True)
     num_params = count_params(unbox(state.params["dit"]))
     loss = functools.partial(T.dit_loss, models=models, train=config.train, schedule_cfg=config.schedule,
