@@ -55,7 +55,7 @@ def _render_train(r: dict) -> str:
         f"{d['mlp_dim']}), {d['dtype']} matmuls, `{d['attention_impl']}` attention; {s['batch']} x latents "
         f"{tuple(s['latent_shape'])} = {s['tokens_per_step']:,} tokens/step, {s['text_len']} text tokens.",
         f"Model FLOPs {s['train_flops_per_step'] / 1e9:.4g} G/step (3 x forward; forward: {shares}). "
-        f"GEMM peak: {gemm}" + (f"; spec peak {s['spec_peak'] * 1e-12:.0f} TFLOP/s" if s.get("spec_peak") else "")
+        f"GEMM peak: {gemm or 'not measured (untimed run)'}" + (f"; spec peak {s['spec_peak'] * 1e-12:.0f} TFLOP/s" if s.get("spec_peak") else "")
         + ".",
     ]
     if r.get("flop_check"):
@@ -74,7 +74,7 @@ def _render_train(r: dict) -> str:
         m, e = row["memory"], row["estimate"]
         rows.append(["vdit", row["remat"], row["scan_layers"], _f(row["compile_s"], ".1f"), _spread(row["timing"]),
                      _f(row["tokens_per_s"], ".0f"), _f(row["model_flops_per_s"], ".4g", k),
-                     _f(row["frac_gemm_peak"], ".1%"), _f(row["mfu_spec"], ".1%"), _f(row["vs_peer"], ".2f"),
+                     _f(row["frac_gemm_peak"], ".1%"), _f(row["mfu_spec"], ".1%"), _f(row["vs_peer"], ".3g"),
                      _f(m["temp_bytes"], ".1f", 1 / _MIB), _f(e["temp_bytes"], ".1f", 1 / _MIB),
                      _f(row["temp_ratio"], ".2f"), _f(m["peak_bytes"], ".1f", 1 / _MIB)])
     if peer:

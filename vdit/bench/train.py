@@ -140,9 +140,9 @@ def bench_train(config: ml_collections.ConfigDict, *, batch: int | None = None, 
     tokens = batch * F.tokens_per_example(dit, latent_shape)
     breakdown = F.dit_forward_flops(dit, latent_shape, text_len, batch)
     train_flops = F.TRAIN_FACTOR * sum(breakdown.values())
-    log(f"[train] {tokens} tokens/step ({batch} x {latent_shape}), {train_flops / 1e9:.1f} GFLOP/step; "
-        f"measuring the {dtype} GEMM peak")
-    gemm = {"xla": gemm_peak(dtype, repeats=max(repeats, 3))}
+    log(f"[train] {tokens} tokens/step ({batch} x {latent_shape}), {train_flops / 1e9:.1f} GFLOP/step"
+        + (f"; measuring the {dtype} GEMM peak" if repeats else ""))
+    gemm = {"xla": gemm_peak(dtype, repeats=max(repeats, 3))} if repeats else {}  # nothing to divide untimed
 
     flop_check = []
     if xcheck:
@@ -167,8 +167,10 @@ def bench_train(config: ml_collections.ConfigDict, *, batch: int | None = None, 
     peer_out = None
     if peer:
         peer_out = _bench_peer(config, dit, batch_np, warmup=warmup, repeats=repeats, log=log)
-        gemm["torch"] = peer_out.pop("gemm")
-    peak = max(g["flops_per_s"] for g in gemm.values())
+        torch_gemm = peer_out.pop("gemm")
+        if torch_gemm:
+            gemm["torch"] = torch_gemm
+    peak = max(g["flops_per_s"] for g in gemm.values()) if gemm else None
     spec = spec_peak(jax.devices()[0].device_kind, dtype)
 
     rows = []
@@ -210,7 +212,7 @@ def _bench_peer(config, dit, batch_np: dict, *, warmup: int, repeats: int, log) 
         log(f"[train] peer: {parity['params_peer']:,} params (vdit {parity['params_vdit']:,}), converted outputs "
             f"differ by {parity['max_abs_diff']:.1e}; measuring torch's GEMM peak")
         dtype = str(config.dit.dtype)
-        gemm = P.torch_gemm_peak(dtype, repeats=max(repeats, 3))
+        gemm = P.torch_gemm_peak(dtype, repeats=max(repeats, 3)) if repeats else None
         step = P.peer_train_step(model, batch_np["latents"], batch_np["text_ids"], optim=config.optim,
                                  ema_decay=config.train.ema_decay, dtype=dtype)
         log(f"[train] peer: timing {repeats} diffusers steps on {threads} torch threads")
