@@ -245,3 +245,20 @@ def test_parameters_have_logical_axes():
         assert set(spec) & {"conv_in", "conv_out", "norm"}, (path, spec)
     kernel = specs[("encoder", "conv_in", "conv", "kernel")]
     assert tuple(kernel) == (None, None, None, "conv_in", "conv_out")
+
+
+def test_temporal_resamplers_start_as_frame_identity():
+    # Wan's init: the downsampler keeps one frame of each pair, the upsampler repeats each frame.
+    model = CausalVAE(**SMALL)
+    params = nn.meta.unbox(model.init(jax.random.key(0), jnp.zeros((1, 5, 8, 8, 3)))["params"])
+    kernels = {k: np.asarray(v) for k, v in traverse_util.flatten_dict(params).items()
+               if "time_conv" in k and k[-1] == "kernel"}
+    assert sorted({k[0] for k in kernels}) == ["decoder", "encoder"] and len(kernels) == 4
+    for path, kernel in kernels.items():
+        c = kernel.shape[3]
+        expected = np.zeros_like(kernel)
+        if path[0] == "encoder":
+            expected[1, 0, 0] = np.eye(c)
+        else:
+            expected[2, 0, 0] = np.concatenate([np.eye(c), np.eye(c)], axis=1)
+        np.testing.assert_array_equal(kernel, expected, err_msg=str(path))

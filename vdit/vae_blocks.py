@@ -31,6 +31,26 @@ _SAME_HW = ((0, 0), (1, 1), (1, 1))  # time is padded causally by hand, space "s
 RESAMPLE_MODES = ("down2d", "down3d", "up2d", "up3d")
 
 
+def time_identity_init(tap: int, copies: int = 1):
+    """Initializer of a ``(kt, 1, 1, C, copies * C)`` temporal conv that passes frame ``tap`` through.
+
+    Wan's resamplers start this way (its ``init_weight``/``init_weight2``): the
+    downsampler keeps one frame of each pair and the upsampler repeats each frame,
+    so an untrained VAE begins as a per-frame image autoencoder and training only
+    has to learn what motion adds.
+    """
+
+    def init(key, shape, dtype=jnp.float32):
+        del key
+        kt, kh, kw, c_in, c_out = shape
+        if (kh, kw) != (1, 1) or c_out != copies * c_in or not 0 <= tap < kt:
+            raise ValueError(f"time_identity_init(tap={tap}, copies={copies}) cannot initialise a kernel {shape}")
+        kernel = jnp.zeros(shape, dtype)
+        return kernel.at[tap, 0, 0].set(jnp.tile(jnp.eye(c_in, dtype=dtype), (1, copies)))
+
+    return init
+
+
 def _get(cache: Cache, name: str) -> Cache:
     return None if cache is None else cache[name]
 
@@ -93,7 +113,9 @@ class AttentionBlock(nn.Module):
         qkv = Conv(3 * c, (1, 1), name="to_qkv", **kw)(y)  # per-frame 1x1 conv
         q, k, v = jnp.split(qkv.reshape(b * t, h * w, 1, 3 * c), 3, axis=-1)  # (B*T, HW, 1, C)
         y = attention(q, k, v, impl=self.impl).reshape(b, t, h, w, c)
-        return x + Conv(c, (1, 1), name="proj", **kw)(y), None
+        # Zero-initialised output, as Wan's: the block starts as the identity.
+        proj = Conv(c, (1, 1), kernel_init=nn.initializers.zeros_init(), name="proj", **kw)
+        return x + proj(y), None
 
 
 class MidBlock(nn.Module):
@@ -140,7 +162,7 @@ class Resample(nn.Module):
         b, _, h, w, c = x.shape
         new_cache = None
         if self.mode == "up3d":
-            time_conv = Conv(2 * c, (3, 1, 1), name="time_conv", **kw)
+            time_conv = Conv(2 * c, (3, 1, 1), kernel_init=time_identity_init(2, copies=2), name="time_conv", **kw)
             first = None
             if cache is None:
                 first, x = x[:, :1], x[:, 1:]
@@ -160,7 +182,8 @@ class Resample(nn.Module):
         x = jnp.pad(x, ((0, 0), (0, 0), (0, 1), (0, 1), (0, 0)))
         x = Conv(self.features, (3, 3), strides=(2, 2), name="conv", **kw)(x)
         if self.mode == "down3d":
-            time_conv = Conv(self.features, (3, 1, 1), strides=(2, 1, 1), name="time_conv", **kw)
+            time_conv = Conv(self.features, (3, 1, 1), strides=(2, 1, 1), kernel_init=time_identity_init(1),
+                             name="time_conv", **kw)
             new_cache = x[:, -1:]
             if cache is not None:
                 x = time_conv(jnp.concatenate([cache.astype(x.dtype), x], axis=1))
