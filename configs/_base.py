@@ -47,17 +47,21 @@ def base_config() -> ml_collections.ConfigDict:
         lr=3e-4, warmup_steps=100, decay="cosine", end_lr_factor=0.1, b1=0.9, b2=0.99, weight_decay=0.01,
         clip_norm=1.0, grad_accum=1,
     ))
+    # latent_stats_clips: when vae.latents_mean/std are None, the DiT phase first measures
+    # per-channel statistics of this many training clips' latents and normalises with them.
     c.train = ml_collections.ConfigDict(dict(
-        steps=1000, text_dropout=0.1, ema_decay=0.999, latents="online", log_every=50, eval_every=500,
-        checkpoint_every=500, keep_checkpoints=3, on_nonfinite="abort",
+        steps=1000, text_dropout=0.1, ema_decay=0.999, latents="online", latent_stats_clips=1024, log_every=50,
+        eval_every=500, checkpoint_every=500, keep_checkpoints=3, on_nonfinite="abort",
     ))
     c.vae_optim = ml_collections.ConfigDict(dict(
         lr=1e-3, warmup_steps=100, decay="cosine", end_lr_factor=0.1, b1=0.9, b2=0.99, weight_decay=0.0,
         clip_norm=1.0, grad_accum=1,
     ))
+    # frames: clip length the VAE trains on (random crops; 0 = the data's); sample_posterior:
+    # decode a posterior sample (True) or its mean (False, a plain autoencoder with KL).
     c.vae_train = ml_collections.ConfigDict(dict(
-        steps=1000, batch_size=0, kl_weight=1e-6, recon="l1", log_every=50, checkpoint_every=500,
-        keep_checkpoints=3, on_nonfinite="abort",
+        steps=1000, batch_size=0, frames=0, kl_weight=1e-6, recon="l1", sample_posterior=True, log_every=50,
+        checkpoint_every=500, keep_checkpoints=3, on_nonfinite="abort",
     ))
     c.sample = ml_collections.ConfigDict(dict(sampler="unipc", steps=30, cfg=5.0, negative_prompt="", seed=0))
     return c

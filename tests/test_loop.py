@@ -1,5 +1,6 @@
 """The training loop end to end: exact resume, preemption, non-finite abort, sampling to files."""
 
+import json
 import os
 import pathlib
 import shutil
@@ -138,5 +139,16 @@ def test_cached_latents_train_like_online_encoding(data, vae_workdir, tmp_path):
         runs[mode] = [r["loss"] for r in read_metrics(workdir / "dit") if "loss" in r]
     assert (tmp_path / "cached" / "latents" / "latents.npy").exists()
     np.testing.assert_allclose(runs["cached"], runs["online"], rtol=1e-5)
+
+    # Latents are normalised with statistics measured on the training clips (all 64 here),
+    # recorded next to the VAE and in the DiT's config, which sampling reads.
+    stats = json.loads((tmp_path / "cached" / "vae" / "latent_stats.json").read_text())
+    saved = json.loads((tmp_path / "cached" / "dit" / "config.json").read_text())["vae"]
+    np.testing.assert_allclose(saved["latents_mean"], stats["latents_mean"])
+    np.testing.assert_allclose(saved["latents_std"], stats["latents_std"])
+    assert min(stats["latents_std"]) > 1e-3
+    cached = np.load(tmp_path / "cached" / "latents" / "latents.npy")
+    np.testing.assert_allclose(cached.mean(axis=(0, 1, 2, 3)), 0.0, atol=1e-4)
+    np.testing.assert_allclose(cached.std(axis=(0, 1, 2, 3)), 1.0, atol=1e-3)
     with pytest.raises(ValueError, match="train.latents='disk'"):
         train(tiny(data, "train.latents=disk"), _with_vae(vae_workdir, tmp_path / "bad"), "dit", progress=False)

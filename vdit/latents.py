@@ -1,6 +1,10 @@
-"""Latents cached once to disk, so the DiT phase skips the VAE encoder every step.
+"""Latents cached once to disk, so the DiT phase skips the VAE encoder every step, and
+the per-channel latent statistics the DiT's latents are normalised with.
 
-``build_latent_cache`` encodes a dataset's clips (posterior means, normalised) with a
+``measure_latent_stats`` encodes the first clips of a dataset and returns the
+per-channel mean and standard deviation of the posterior means: a VAE trained from
+scratch has no published statistics (Wan2.1's are in ``configs/_base.py``), and a
+DiT learns far faster on unit-variance latents. ``build_latent_cache`` encodes a dataset's clips (posterior means, normalised) with a
 frozen VAE and writes ``latents.npy``, ``text_ids.npy`` and ``text_mask.npy`` into a
 folder, atomically (a temporary folder renamed at the end), so an interrupted build is
 never mistaken for a finished one. ``LatentCache`` reads them back as a random-access
@@ -14,6 +18,7 @@ import pathlib
 import shutil
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
@@ -38,6 +43,48 @@ class LatentCache:
 
     def __repr__(self) -> str:  # Grain checks the source's repr when restoring iterator state
         return f"LatentCache({str(self.path)!r}, n={len(self)})"
+
+
+def measure_latent_stats(dataset, *, models, vae_params, mesh, batch_size: int, frames: int | None,
+                         num_clips: int, progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel ``(mean, std)`` (float64 ``(z_dim,)``) of the raw posterior means of ``num_clips`` clips.
+
+    The first ``num_clips`` clips of ``dataset`` (rounded down to whole global batches,
+    at least one) are encoded sharded over ``mesh``; every process gets the same numbers.
+    ``models.vae`` must not normalise (its ``latents_mean``/``latents_std`` are None).
+    """
+    from vdit.data.pipeline import make_loader, to_global
+    from vdit.sharding import replicated
+    from vdit.train import encode_latents
+
+    if models.vae.latents_mean is not None or models.vae.latents_std is not None:
+        raise ValueError("measure_latent_stats needs a VAE without latents_mean/latents_std (raw latents)")
+    batches = max(1, min(num_clips, len(dataset)) // batch_size)
+    if len(dataset) < batch_size:
+        raise ValueError(f"{len(dataset)} clips are fewer than one global batch of {batch_size}")
+    loader = make_loader(dataset, batch_size=batch_size // jax.process_count(), shuffle=False, num_epochs=1,
+                         frames=frames, tokenizer=models.text.tokenizer, max_text_length=models.text.max_length)
+
+    def batch_moments(params, video):  # per-channel E[z] and E[z^2] of one global batch
+        z = encode_latents(models.vae, params, video)
+        axes = tuple(range(z.ndim - 1))
+        return jnp.mean(z, axis=axes), jnp.mean(jnp.square(z), axis=axes)
+
+    moments = jax.jit(batch_moments, out_shardings=replicated(mesh))  # readable on every process
+
+    first, second = [], []
+    bar = tqdm(total=batches, desc="latent statistics", disable=not progress or jax.process_index())
+    for i, host_batch in enumerate(loader):
+        if i == batches:
+            break
+        m1, m2 = moments(vae_params, to_global(host_batch, mesh, normalize=False)["video"])
+        first.append(np.asarray(m1, np.float64))
+        second.append(np.asarray(m2, np.float64))
+        bar.update(1)
+    bar.close()
+    mean = np.mean(first, axis=0)
+    std = np.sqrt(np.maximum(np.mean(second, axis=0) - np.square(mean), 0.0))
+    return mean, np.maximum(std, 1e-6)
 
 
 def build_latent_cache(path: str | pathlib.Path, dataset, *, models, vae_params, mesh, batch_size: int,

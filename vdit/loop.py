@@ -103,9 +103,12 @@ def build_run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, ph
     lr_fn = T.learning_rate(optim, train_cfg.steps)
     key = jax.random.PRNGKey(config.seed)
     frozen = None
+    frames = config.data.frames
     if phase == "vae":
         init = T.init_vae_params(models)
-        loss_fn = functools.partial(T.vae_loss, vae=models.vae, kl_weight=train_cfg.kl_weight, recon=train_cfg.recon)
+        loss_fn = functools.partial(T.vae_loss, vae=models.vae, kl_weight=train_cfg.kl_weight, recon=train_cfg.recon,
+                                    sample_posterior=train_cfg.get("sample_posterior", True))
+        frames = train_cfg.get("frames") or frames  # random crops: cheaper steps, same per-frame network
         ema = False
     else:
         init = T.init_dit_params(models)
@@ -118,6 +121,10 @@ def build_run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, ph
     state, shardings = T.init_state(init, tx, key, mesh, rules, ema=ema)
 
     dataset = open_dataset(config.data.name, config.data.data_dir or None, "train")
+    if phase == "dit" and config.vae.latents_mean is None and config.vae.latents_std is None:
+        config = with_latent_stats(config, workdir, dataset, models, frozen["vae"], mesh, global_batch)
+        models = build_models(config)
+        loss_fn = functools.partial(loss_fn, models=models)
     batch_keys = ("video", "text_ids", "text_mask")
     if phase == "dit" and train_cfg.latents == "cached":
         from vdit.latents import build_latent_cache
@@ -132,7 +139,7 @@ def build_run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, ph
     frozen_shardings = None if frozen is None else jax.tree.map(lambda a: a.sharding, frozen)
     loader = make_loader(
         dataset, batch_size=global_batch // jax.process_count(), seed=config.data.shuffle_seed,
-        frames=config.data.frames,
+        frames=frames,
         tokenizer=models.text.tokenizer, max_text_length=models.text.max_length,
         worker_count=config.data.worker_count,
     )
@@ -143,6 +150,36 @@ def build_run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, ph
     step_fn = T.jit_train_step(step, mesh, rules, shardings, batch_spec, frozen_shardings)
     return Run(config, phase, models, mesh, rules, state, shardings, step_fn, frozen, loader, iterator, loss_fn,
                global_batch, batch_keys, eval_frozen)
+
+
+def with_latent_stats(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, dataset, models: Models,
+                      vae_params, mesh, batch_size: int) -> ml_collections.ConfigDict:
+    """A copy of ``config`` whose ``vae.latents_mean``/``latents_std`` are the trained VAE's measured statistics.
+
+    Measured once over ``train.latent_stats_clips`` training clips and kept in
+    ``W/vae/latent_stats.json``, so a resumed or repeated DiT phase (and sampling, which
+    reads the DiT's saved config) normalises latents exactly the same way.
+    """
+    from vdit.latents import measure_latent_stats
+
+    path = pathlib.Path(workdir) / "vae" / "latent_stats.json"
+    if path.exists():
+        stats = json.loads(path.read_text())
+    else:
+        mean, std = measure_latent_stats(dataset, models=models, vae_params=vae_params, mesh=mesh,
+                                         batch_size=batch_size, frames=config.data.frames,
+                                         num_clips=int(config.train.get("latent_stats_clips", 1024)))
+        stats = {"latents_mean": mean.tolist(), "latents_std": std.tolist()}
+        if jax.process_index() == 0:
+            tmp = path.with_suffix(".json.partial")
+            tmp.write_text(json.dumps(stats, indent=1))
+            tmp.rename(path)
+    config = ml_collections.ConfigDict(config.to_dict())  # a copy: the caller's config is left alone
+    config.vae.latents_mean = tuple(stats["latents_mean"])
+    config.vae.latents_std = tuple(stats["latents_std"])
+    config.lock()
+    log.info("latents normalised with measured statistics from %s", path)
+    return config
 
 
 def _config_json(config: ml_collections.ConfigDict) -> dict:
@@ -159,6 +196,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, phase:
     workdir = pathlib.Path(workdir).absolute()
     _, train_cfg = phase_sections(config, phase)
     run = build_run(config, workdir, phase, mesh=mesh, devices=devices)
+    config = run.config  # with measured latent statistics, when the DiT phase measured them
     phase_dir = workdir / phase
     total = int(train_cfg.steps)
     ckpt = Checkpointer(phase_dir / "checkpoints", keep=train_cfg.keep_checkpoints,

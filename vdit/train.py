@@ -85,11 +85,18 @@ def _per_example_mean(x: jax.Array) -> jax.Array:
 # ----------------------------------------------------------------------------- losses
 
 
-def vae_loss(params, batch, key, frozen, *, vae: CausalVAE, kl_weight: float, recon: str = "l1"):
-    """Reconstruction (L1 or L2, per pixel) plus ``kl_weight`` x KL per latent element."""
+def vae_loss(params, batch, key, frozen, *, vae: CausalVAE, kl_weight: float, recon: str = "l1",
+             sample_posterior: bool = True):
+    """Reconstruction (L1 or L2, per pixel) plus ``kl_weight`` x KL per latent element.
+
+    ``sample_posterior=False`` decodes the posterior mean: with a small ``kl_weight`` the
+    sampling noise mostly slows early training down, and the DiT trains on means anyway.
+    """
     del frozen
+    if recon not in ("l1", "l2"):
+        raise ValueError(f"unknown vae_train.recon {recon!r}; expected 'l1' or 'l2'")
     video = to_pixels(batch["video"])
-    out, posterior = vae.apply({"params": params}, video, key)
+    out, posterior = vae.apply({"params": params}, video, key if sample_posterior else None)
     err = out - video
     rec = jnp.mean(jnp.abs(err)) if recon == "l1" else jnp.mean(jnp.square(err))
     kl = jnp.mean(posterior.kl()) / np.prod(posterior.mean.shape[1:])
