@@ -36,7 +36,8 @@ def base_config() -> ml_collections.ConfigDict:
     ))
     c.dit = ml_collections.ConfigDict(dict(
         in_channels=16, patch_size=(1, 2, 2), width=384, depth=6, num_heads=6, mlp_dim=1536, text_dim=256,
-        freq_dim=256, qk_norm=True, cross_attn_norm=True, attention_impl="xla", remat="none", scan_layers=False,
+        freq_dim=256, qk_norm=True, cross_attn_norm=True, pooled_text=False, attention_impl="xla", remat="none",
+        scan_layers=False,
         dtype="float32",
     ))
     c.schedule = ml_collections.ConfigDict(dict(

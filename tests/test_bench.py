@@ -11,7 +11,6 @@ import jax
 import numpy as np
 import pytest
 
-from vdit import train as T
 from vdit.bench import flops as F
 from vdit.bench import report
 from vdit.bench.attention import memory_exponent
@@ -52,15 +51,13 @@ def test_flop_formula_matches_xla_cost_analysis(train):
     assert 1.0 <= check["ratio"] < 1.05, check
 
 
-def test_flop_formula_counts_adaln_per_example_and_agrees_with_the_train_loop():
+def test_flop_formula_counts_adaln_per_example():
     models = _wide_tiny()
     short = F.dit_forward_flops(models.dit, (2, 8, 8, 4), 40)
     long = F.dit_forward_flops(models.dit, (4, 8, 8, 4), 40)  # twice the tokens
     assert long["adaln"] == short["adaln"] and long["text_embed"] == short["text_embed"]
     assert long["mlp"] == 2 * short["mlp"] and long["self_attn_scores"] == 4 * short["self_attn_scores"]
     assert F.dit_forward_flops(models.dit, (2, 8, 8, 4), 40, batch=3)["adaln"] == 3 * short["adaln"]
-    # The loop's throughput metric uses vdit.train's count: both must be the same formula.
-    assert sum(short.values()) == T.model_flops_per_example(models, (2, 8, 8, 4), 40)
 
 
 @pytest.mark.parametrize("scan", [False, True])

@@ -127,3 +127,23 @@ def test_param_count_matches_formula():
     head = 2 * d + d * p * c + p * c
     params = DiT(**TINY).init(jax.random.PRNGKey(0), x, t, text, mask)["params"]
     assert count_params(params) == embed + 2 * block + head
+
+
+def test_pooled_text_conditions_on_the_masked_mean_only():
+    model = DiT(**TINY, pooled_text=True)
+    x, t, text, mask = _inputs()
+    params = _randomised_params(model, x, t, text, mask)
+    assert "text_pool_embed" in params and "text_pool_embed" not in DiT(**TINY).init(
+        jax.random.PRNGKey(0), x, t, text, mask)["params"]
+    apply = jax.jit(lambda p, txt: model.apply({"params": p}, x, t, txt, mask))
+    out = apply(params, text)
+    # Padded text positions change nothing; real ones change the output through both paths.
+    padded = text.at[0, 3:].set(100.0)
+    np.testing.assert_allclose(apply(params, padded), out, atol=1e-5)
+    # With cross-attention cancelled (zero values), the pooled vector alone still conditions.
+    no_cross = jax.tree_util.tree_map_with_path(
+        lambda path, a: jnp.zeros_like(a) if "cross_attn" in jax.tree_util.keystr(path) and "'out'" in
+        jax.tree_util.keystr(path) else a, params)
+    shifted = text.at[0, :3].add(1.0)
+    assert float(jnp.abs(apply(no_cross, shifted)[0] - apply(no_cross, text)[0]).max()) > 1e-3
+    assert float(jnp.abs(apply(no_cross, shifted)[1] - apply(no_cross, text)[1]).max()) == 0.0

@@ -96,7 +96,7 @@ def test_quickstart_trains_samples_and_shows_videos(tmp_path):
         OVERRIDES=SMALL + ["train.checkpoint_every=6"],
     ), tmp_path, devices=1)
     text = outputs(nb)
-    assert f"skipped (INSTALL = False): " in text and f"'vdit @ git+{REPO_URL}'" in text
+    assert "skipped (INSTALL = False): " in text and f"'vdit @ git+{REPO_URL}'" in text
     assert "quick (vdit demo --quick)" in text and "heldout" in text  # run_demo's results table
     assert (workdir / "eval.json").exists() and (workdir / "dit" / "checkpoints").is_dir()
     assert "4 videos of shape (5, 16, 16, 3)" in text

@@ -3,7 +3,6 @@
 import functools
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -140,17 +139,3 @@ def test_skip_nonfinite_updates_leave_params_unchanged():
         np.testing.assert_array_equal(a, b)
     with pytest.raises(ValueError, match="unknown on_nonfinite 'ignore'"):
         T.make_optimizer(config.optim, 10, "ignore")
-
-
-def test_flops_formula_matches_xla_cost_analysis():
-    config, models = _setup(["dit.depth=2"])
-    length, shape = models.text.max_length, (2, 4, 4, models.vae.z_dim)
-    x, t = jnp.zeros((1, *shape)), jnp.zeros((1,))
-    emb, mask = jnp.zeros((1, length, models.dit.text_dim)), jnp.ones((1, length), bool)
-    params = jax.eval_shape(models.dit.init, jax.random.PRNGKey(0), x, t, emb, mask)
-    compiled = jax.jit(models.dit.apply).lower(params, x, t, emb, mask).compile()
-    xla = compiled.cost_analysis()
-    xla = xla[0] if isinstance(xla, list) else xla
-    analytic = T.model_flops_per_example(models, shape, length)
-    # XLA also counts elementwise ops (norms, softmax, GELU); matmuls dominate but not at this tiny width.
-    assert 0.5 < analytic / xla["flops"] < 1.05, (analytic, xla["flops"])

@@ -127,6 +127,10 @@ class DiT(nn.Module):
       timestep_scale: ``t`` in [0, 1] is multiplied by this before embedding (Wan: 1000).
       qk_norm: RMSNorm on queries and keys.
       cross_attn_norm: LayerNorm (affine) before cross-attention.
+      pooled_text: also condition every block's adaLN on the mask-averaged text
+        embedding, added to the timestep embedding (SD3/Flux's pooled vector). Wan
+        conditions on text through cross-attention only (False); a global signal
+        makes a small model from scratch follow prompts after far fewer steps.
       eps: epsilon of every norm.
       rope_theta: RoPE base.
       attention_impl: backend of ``vdit.attention.attention``.
@@ -148,6 +152,7 @@ class DiT(nn.Module):
     timestep_scale: float = 1000.0
     qk_norm: bool = True
     cross_attn_norm: bool = True
+    pooled_text: bool = False
     eps: float = 1e-6
     rope_theta: float = 10000.0
     attention_impl: str = "xla"
@@ -192,6 +197,11 @@ class DiT(nn.Module):
         # Timestep conditioning stays in f32: it sets every modulation of every block.
         temb = timestep_embedding(t * self.timestep_scale, self.freq_dim)
         temb = layers.MLP(d, d, activation="silu", name="time_embed")(temb)  # (B, D)
+        if self.pooled_text:
+            keep = (jnp.ones(text.shape[:2], bool) if text_mask is None else text_mask).astype(jnp.float32)
+            pooled = jnp.sum(text.astype(jnp.float32) * keep[..., None], axis=1) / jnp.maximum(
+                jnp.sum(keep, axis=1, keepdims=True), 1.0)  # (B, text_dim)
+            temb = temb + layers.MLP(d, d, activation="silu", in_axes="embed", name="text_pool_embed")(pooled)
         mod = layers.Dense(6 * d, axes=("embed", "mlp"), kernel_init=nn.initializers.zeros_init(), name="time_proj")(
             jax.nn.silu(temb)
         ).reshape(b, 6, d)

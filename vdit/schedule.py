@@ -22,7 +22,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 KINDS = ("flow", "vp")
 VP_SCHEDULES = ("cosine", "linear")

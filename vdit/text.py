@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vdit.attention import BACKENDS, MultiHeadAttention
-from vdit.layers import ACT, MLP, Dense, RMSNorm, constrain, partitioned
+from vdit.layers import ACT, MLP, RMSNorm, constrain, partitioned
 
 Dtype = Any
 Params = Any

@@ -13,7 +13,6 @@ import time
 from typing import Any, Callable
 
 import flax
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -231,23 +230,13 @@ def jit_train_step(step_fn, mesh, rules, state_shardings, batch_spec: dict, froz
 
 
 def model_flops_per_example(models: Models, latent_shape: tuple[int, ...], text_len: int) -> float:
-    """Analytic forward FLOPs of the DiT for one example (matmuls incl. attention).
+    """Analytic forward FLOPs of the DiT for one example: the formula of ``vdit.bench.flops``.
 
-    Per block: q/k/v/out projections of self-attention on S tokens (8 S D^2), attention
-    scores and values (4 S^2 D), cross-attention projections (4 S D^2 + 4 L D^2) and its
-    attention (4 S L D), MLP (4 S D M). Patch embedding and output projection add
-    2 S D (P + P_out). Timestep/adaLN MLPs act per example, not per token.
+    Matmuls incl. attention per token; timestep/adaLN MLPs once per example, not per token.
     """
-    dit = models.dit
-    t, h, w, c = latent_shape
-    pt, ph, pw = dit.patch_size
-    s = (t // pt) * (h // ph) * (w // pw)
-    d, m, l_ = dit.width, dit.mlp_dim, text_len
-    p = pt * ph * pw * c
-    block = 8 * s * d * d + 4 * s * s * d + 4 * s * d * d + 4 * l_ * d * d + 4 * s * l_ * d + 4 * s * d * m
-    embed = 2 * s * p * d * 2 + 2 * l_ * (dit.text_dim * d + d * d)
-    per_example = 2 * (dit.freq_dim * d + d * d + 6 * d * d)
-    return float(dit.depth * block + embed + per_example)
+    from vdit.bench.flops import dit_forward_flops
+
+    return float(sum(dit_forward_flops(models.dit, latent_shape, text_len).values()))
 
 
 @functools.cache

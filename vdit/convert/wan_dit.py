@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-import numpy as np
 
 from vdit.convert.common import KeyTracker, as_numpy, linear, stack_layers
 
@@ -62,6 +61,8 @@ def wan_config_from_dit(dit, *, rope_max_seq_len: int = 1024) -> dict:
     """
     if dit.width % dit.num_heads:
         raise ValueError(f"DiT width {dit.width} must be divisible by num_heads {dit.num_heads}")
+    if dit.pooled_text:
+        raise ValueError("DiT pooled_text=True has no diffusers Wan equivalent (Wan conditions on text by cross-attention only)")
     if dit.rope_theta != 10000.0:
         raise ValueError(f"diffusers' Wan RoPE is fixed at theta=10000; this DiT has rope_theta={dit.rope_theta}")
     config = dict(
