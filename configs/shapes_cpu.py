@@ -4,18 +4,25 @@ from vdit.configs._base import base_config
 
 
 def get_config(arg=None):
-    """Demo-sized VAE (4x temporal, 4x spatial, 8 channels), text encoder and DiT."""
+    """Demo-sized VAE (4x temporal, 4x spatial, 16 channels), text encoder and DiT.
+
+    Sized by measurement on a 2-core CPU (the issue notes hold the sweeps): the VAE
+    without residual blocks learns faster per second than deeper ones, trained as a
+    plain L2 autoencoder on whole 17-frame clips; the DiT scans its blocks with full
+    remat, which XLA:CPU runs 3x faster than the unrolled backward pass.
+    """
     del arg
     c = base_config()
     c.data.update(frames=17, resolution=32, batch_size=32)
-    # Sized to the measured speed of a 2-core CPU: the demo trains everything in ~15 minutes.
-    c.vae.update(base_dim=16, z_dim=8, dim_mult=(1, 2, 2), num_res_blocks=1, temporal_downsample=(True, True),
+    c.vae.update(base_dim=16, z_dim=16, dim_mult=(1, 2, 2), num_res_blocks=0, temporal_downsample=(True, True),
                  mid_attention=False, latents_mean=None, latents_std=None)
     c.text.update(max_length=40, width=128, depth=2, num_heads=4, mlp_ratio=2.0)
-    c.dit.update(in_channels=8, width=192, depth=6, num_heads=6, mlp_dim=768, text_dim=128, freq_dim=128)
-    c.train.update(steps=800, ema_decay=0.995, latents="cached", log_every=50, eval_every=400, checkpoint_every=400)
-    c.optim.update(lr=1e-3, warmup_steps=50)
-    c.vae_train.update(steps=150, batch_size=8, log_every=25, checkpoint_every=150)
+    c.dit.update(in_channels=16, width=192, depth=6, num_heads=6, mlp_dim=768, text_dim=128, freq_dim=128,
+                 scan_layers=True, remat="full")
+    c.train.update(steps=1000, ema_decay=0.995, latents="cached", log_every=50, eval_every=500, checkpoint_every=500)
+    c.optim.update(lr=2e-3, warmup_steps=50)
+    c.vae_train.update(steps=800, batch_size=8, frames=0, recon="l2", sample_posterior=False, log_every=50,
+                       checkpoint_every=400)
     c.vae_optim.update(lr=2e-3, warmup_steps=20)
     c.sample.update(sampler="unipc", steps=20, cfg=4.0)
     return c

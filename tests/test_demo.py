@@ -30,3 +30,11 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
     assert main(["demo", "--quick", "--workdir", str(workdir), "--no_progress"]) == 0
     assert (workdir / "dit" / "metrics.jsonl").read_text() == before
     assert main(["eval", "--workdir", str(workdir)]) == 0
+
+
+def test_demo_rejects_an_unknown_override_before_doing_any_work(tmp_path, capsys):
+    workdir = tmp_path / "demo"
+    assert main(["demo", "--quick", "--workdir", str(workdir), "train.step=5"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["vdit demo: error: unknown config key 'train.step'; did you mean 'train.steps'?"]
+    assert not workdir.exists()

@@ -110,7 +110,8 @@ def _cmd_demo(args: argparse.Namespace) -> None:
     """Prepares moving_shapes, trains the VAE and the DiT, samples every attribute and evaluates (resumable)."""
     from vdit.demo import run_demo
 
-    run_demo(args.workdir, quick=args.quick, data_dir=args.data_dir, progress=not args.no_progress)
+    run_demo(args.workdir, quick=args.quick, data_dir=args.data_dir, overrides=args.overrides,
+             progress=not args.no_progress)
 
 
 def _cmd_eval(args: argparse.Namespace) -> None:
@@ -141,6 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--quick", action="store_true", help="minutes-scale settings (what CI runs)")
     demo.add_argument("--data_dir", help="where to build the dataset (default WORKDIR/data)")
     demo.add_argument("--no_progress", action="store_true", help="no progress bars")
+    demo.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                      help="overrides of the shapes_cpu config, e.g. train.steps=2000")
     demo.set_defaults(func=_cmd_demo)
 
     evaluate = sub.add_parser("eval", help="evaluate a demo workdir's samples", description=_cmd_eval.__doc__)

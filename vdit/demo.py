@@ -67,8 +67,12 @@ def quick_overrides() -> list[str]:
 
 def run_demo(workdir: str | pathlib.Path, *, quick: bool = False, data_dir: str | None = None,
              seeds: int | None = None, config: ml_collections.ConfigDict | None = None,
-             progress: bool = True) -> dict:
-    """Runs the whole demo in ``workdir``; returns the evaluation results (also in ``W/eval.json``)."""
+             overrides: list[str] | tuple[str, ...] = (), progress: bool = True) -> dict:
+    """Runs the whole demo in ``workdir``; returns the evaluation results (also in ``W/eval.json``).
+
+    ``overrides`` (``"train.steps=2000"``, ...) apply on top of ``shapes_cpu`` (and ``quick``)
+    or of ``config``.
+    """
     import jax
 
     from vdit import evaluate
@@ -84,6 +88,7 @@ def run_demo(workdir: str | pathlib.Path, *, quick: bool = False, data_dir: str 
         config = load_config("shapes_cpu")
         if quick:
             override(config, quick_overrides())
+    override(config, list(overrides))
     seeds = seeds or (2 if quick else 4)
     # Enough distinct clips for the DiT's epochs, few enough to encode into the latent cache in minutes.
     counts = dict(num_train=256, num_validation=64, num_heldout=64) if quick else dict(
