@@ -101,6 +101,7 @@ def _check_stamp(result, kind):
     m = result["machine"]
     assert m["backend"] == "cpu" and m["cores"] >= 1 and m["cpu"] and m["date"].endswith("UTC")
     assert m["versions"]["jax"] == jax.__version__ and "load_after" in m and isinstance(m["busy"], bool)
+    assert m["busy_cores_before"] is None or 0 <= m["busy_cores_before"] <= m["cores"] + 0.5
     assert m["code"] is None or m["code"].split("+")[0] in report.render(result)
 
 

@@ -11,6 +11,7 @@ import os
 import pathlib
 import platform
 import subprocess
+import time
 
 import jax
 
@@ -91,15 +92,41 @@ def load_average() -> float | None:
         return None
 
 
+def cpu_busy_cores(seconds: float = 1.0) -> float | None:
+    """Cores kept busy by all processes over the next ``seconds`` (from ``/proc/stat``; None elsewhere).
+
+    Unlike the load average, which still counts a process that ended a minute ago,
+    this sees only what runs now: back-to-back benchmarks do not mark each other busy.
+    """
+
+    def sample():
+        with open("/proc/stat") as f:
+            fields = [float(x) for x in f.readline().split()[1:]]
+        return sum(fields), fields[3] + (fields[4] if len(fields) > 4 else 0.0)  # total, idle + iowait
+
+    try:
+        total0, idle0 = sample()
+        time.sleep(seconds)
+        total1, idle1 = sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    if total1 <= total0:
+        return None
+    return round((1 - (idle1 - idle0) / (total1 - total0)) * cpu_cores(), 2)
+
+
 def machine_info() -> dict:
     """The stamp of a run: device, CPU, memory, versions, UTC date, and the load before it started.
 
-    ``busy`` is set when other work already kept at least half the cores busy
-    (1-minute load average >= cores / 2) as the run began: its timings are suspect.
+    ``busy`` is set when other work kept at least half the cores busy as the run began
+    (measured over one second from ``/proc/stat``; the 1-minute load average where that
+    is missing): its timings are suspect.
     """
     device = jax.devices()[0]
     cores = cpu_cores()
     load = load_average()
+    busy_cores = cpu_busy_cores()
+    in_use = busy_cores if busy_cores is not None else load
     try:
         mem_gib = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
     except (ValueError, OSError, AttributeError):
@@ -115,7 +142,8 @@ def machine_info() -> dict:
         "code": code_version(),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "load_before": load,
-        "busy": load is not None and load >= cores / 2,
+        "busy_cores_before": busy_cores,
+        "busy": in_use is not None and in_use >= cores / 2,
     }
 
 
@@ -133,6 +161,8 @@ def describe(machine: dict) -> str:
     state = ""
     if load is not None:
         state = f"; load {load:g} before, {machine.get('load_after', float('nan')):g} after"
+        if machine.get("busy_cores_before") is not None:
+            state += f", {machine['busy_cores_before']:g} cores busy at start"
         state += " (**busy machine**)" if machine.get("busy") else ""
     note = f"; {machine['note']}" if machine.get("note") else ""
     return f"{where}; {libs}; {machine['date']}{state}{note}"
