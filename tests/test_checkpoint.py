@@ -268,15 +268,20 @@ def test_preemption_guard_sets_flag_and_restores_handler(tmp_path):
             assert ckpt.should_stop(7, guard)
             assert not ckpt.should_stop(7, None)
     assert signal.getsignal(signal.SIGTERM) == before
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        with PreemptionGuard(signals=(signal.SIGTERM, signal.SIGINT)) as guard:
-            os.kill(os.getpid(), signal.SIGINT)
-            assert _wait_for(lambda: guard.requested) and guard.received == signal.SIGINT
-            with pytest.raises(KeyboardInterrupt):  # a second Ctrl-C still interrupts
+    # Python's own Ctrl-C handler as the previous one, whatever earlier tests in this worker left.
+    outer = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            with PreemptionGuard(signals=(signal.SIGTERM, signal.SIGINT)) as guard:
                 os.kill(os.getpid(), signal.SIGINT)
-                _wait_for(lambda: False, timeout=2.0)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+                assert _wait_for(lambda: guard.requested) and guard.received == signal.SIGINT
+                with pytest.raises(KeyboardInterrupt):  # a second Ctrl-C still interrupts
+                    os.kill(os.getpid(), signal.SIGINT)
+                    _wait_for(lambda: False, timeout=2.0)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, outer)
 
 
 def _wait_for(cond, timeout=5.0):
