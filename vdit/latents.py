@@ -4,7 +4,9 @@ the per-channel latent statistics the DiT's latents are normalised with.
 ``measure_latent_stats`` encodes the first clips of a dataset and returns the
 per-channel mean and standard deviation of the posterior means: a VAE trained from
 scratch has no published statistics (Wan2.1's are in ``configs/_base.py``), and a
-DiT learns far faster on unit-variance latents. ``build_latent_cache`` encodes a dataset's clips (posterior means, normalised) with a
+DiT learns far faster on unit-variance latents.
+
+``build_latent_cache`` encodes a dataset's clips (posterior means, normalised) with a
 frozen VAE and writes ``latents.npy``, ``text_ids.npy`` and ``text_mask.npy`` into a
 folder, atomically (a temporary folder renamed at the end), so an interrupted build is
 never mistaken for a finished one. ``LatentCache`` reads them back as a random-access
