@@ -57,7 +57,8 @@ def test_cli_info_and_one_line_errors():
     assert ok.returncode == 0 and "dit" in ok.stdout and "parameters" in ok.stdout
     bad = run("info", "--config", "tiny", "--config.dit.detph=3")
     assert bad.returncode == 2
-    assert bad.stderr.strip().splitlines() == ["vdit info: error: unknown config key 'dit.detph'; did you mean 'dit.depth'?"]
+    expected = "vdit info: error: unknown config key 'dit.detph'; did you mean 'dit.depth'?"
+    assert bad.stderr.strip().splitlines() == [expected]
     assert run("--help").returncode == 0 and run("convert", "--help").returncode == 0
 
 

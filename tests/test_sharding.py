@@ -6,14 +6,17 @@ import jax.numpy as jnp
 import pytest
 
 from vdit.dit import DiT
-from vdit.sharding import DEFAULT_RULES, batch_sharding, logical_to_sharding, make_mesh, resolve_mesh_shape, rules_from_config
+from vdit.sharding import (
+    DEFAULT_RULES, batch_sharding, logical_to_sharding, make_mesh, resolve_mesh_shape, rules_from_config,
+)
 
 
 def test_resolve_mesh_shapes_and_errors():
     assert resolve_mesh_shape({"data": -1}, 8) == (8, 1, 1, 1)
     assert resolve_mesh_shape({"data": 2, "fsdp": -1}, 8) == (2, 4, 1, 1)
     assert resolve_mesh_shape((1, 2, 2, 2), 8) == (1, 2, 2, 2)
-    with pytest.raises(ValueError, match="mesh data=2 x fsdp=2 x context=1 x tensor=1 uses 4 devices but 8 are available"):
+    message = "mesh data=2 x fsdp=2 x context=1 x tensor=1 uses 4 devices but 8 are available"
+    with pytest.raises(ValueError, match=message):
         resolve_mesh_shape({"data": 2, "fsdp": 2}, 8)
     with pytest.raises(ValueError, match="not divisible by 3"):
         resolve_mesh_shape({"data": -1, "tensor": 3}, 8)

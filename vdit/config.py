@@ -40,7 +40,8 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
         if name not in known:
             close = difflib.get_close_matches(name, known, n=1, cutoff=0.5)
             hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise ValueError(f"unknown config {name!r}{hint} (shipped: {', '.join(known)}; or pass a path to a .py file)")
+            raise ValueError(
+                f"unknown config {name!r}{hint} (shipped: {', '.join(known)}; or pass a path to a .py file)")
         module = importlib.import_module(f"vdit.configs.{name}")
     config = module.get_config(arg or None)
     config.lock()
@@ -98,7 +99,8 @@ def override(config: ml_collections.ConfigDict, assignments: Iterable[str]) -> m
             raise ValueError(f"unknown config key {key!r}{hint}")
         current = node[leaf]
         if isinstance(current, ml_collections.ConfigDict):
-            raise ValueError(f"config key {key!r} is a section; set one of its fields, e.g. {key}.{next(iter(current))}")
+            example = f"{key}.{next(iter(current))}"
+            raise ValueError(f"config key {key!r} is a section; set one of its fields, e.g. {example}")
         value = _parse_value(text, current)
         try:
             node[leaf] = value

@@ -114,7 +114,8 @@ def run_demo(workdir: str | pathlib.Path, *, quick: bool = False, data_dir: str 
     names = [f"{i:02d}_{media.slug(p)}_s{s}" for i, p in enumerate(texts) for s in range(seeds)]
     samples = workdir / "samples"
     paths = media.write_all(samples, videos, names)
-    labels = [f"{'H ' if split == 'heldout' else ''}{c} {s} {d}" for _, (c, s, d), split in prompts for _ in range(seeds)]
+    labels = [f"{'H ' if split == 'heldout' else ''}{c} {s} {d}"
+              for _, (c, s, d), split in prompts for _ in range(seeds)]
     media.write_video(samples / "grid_labelled.gif", labelled_grid(videos, labels, columns=seeds * 4))
     timings["sample_s"] = time.perf_counter() - t0
 

@@ -235,7 +235,8 @@ class DiT(nn.Module):
                 h = block(**block_kwargs, name=f"blocks_{i}")(h, context, text_mask, mod, angles)
 
         table = self.param(
-            "out_modulation", layers.partitioned(nn.initializers.zeros_init(), (None, "embed")), (2, d), self.param_dtype
+            "out_modulation", layers.partitioned(nn.initializers.zeros_init(), (None, "embed")), (2, d),
+            self.param_dtype,
         )
         shift, scale = jnp.split(table[None] + temb[:, None], 2, axis=1)  # (B, 1, D) each
         h = layers.LayerNorm(self.eps, use_affine=False, name="norm_out")(h) * (1 + scale) + shift

@@ -104,7 +104,8 @@ def save_samples(videos: np.ndarray, prompts: Sequence[str], out_dir: str | path
     """Writes ``generate``'s output as mp4/gif per sample, a GIF grid and a PNG contact sheet."""
     from vdit.text import as_prompt_list
 
-    names = [f"{i:03d}_{media.slug(p)}_s{j}" for i, p in enumerate(as_prompt_list(prompts)) for j in range(num_per_prompt)]
+    names = [f"{i:03d}_{media.slug(p)}_s{j}"
+             for i, p in enumerate(as_prompt_list(prompts)) for j in range(num_per_prompt)]
     return media.write_all(out_dir, videos, names, fps=fps)
 
 

@@ -71,7 +71,8 @@ def _validate(sampler: str, schedule: Schedule, num_steps: int, eta: float, key)
     if schedule.kind not in SAMPLERS[sampler]:
         fits = [name for name, kinds in SAMPLERS.items() if schedule.kind in kinds]
         raise ValueError(
-            f"sampler {sampler!r} does not fit a {schedule.kind!r} schedule; valid for {schedule.kind}: {', '.join(fits)}"
+            f"sampler {sampler!r} does not fit a {schedule.kind!r} schedule; "
+            f"valid for {schedule.kind}: {', '.join(fits)}"
         )
     if not isinstance(num_steps, (int, np.integer)) or num_steps < 1:
         raise ValueError(f"num_steps must be an int >= 1, got {num_steps!r}")

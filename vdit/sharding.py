@@ -63,7 +63,8 @@ def resolve_mesh_shape(shape: Mapping[str, int] | Sequence[int], num_devices: in
     if -1 in dims:
         rest = math.prod(d for d in dims if d != -1)
         if num_devices % rest:
-            raise ValueError(f"mesh {_fmt(dims)} cannot fill {num_devices} devices: {num_devices} is not divisible by {rest}")
+            raise ValueError(
+                f"mesh {_fmt(dims)} cannot fill {num_devices} devices: {num_devices} is not divisible by {rest}")
         dims[dims.index(-1)] = num_devices // rest
     if math.prod(dims) != num_devices:
         raise ValueError(

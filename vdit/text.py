@@ -183,7 +183,8 @@ class EncoderBlock(nn.Module):
         # x (B, S, D) is the float32 residual stream; sublayers compute in ``dtype``.
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         h = RMSNorm(param_dtype=self.param_dtype, name="attn_norm")(x).astype(self.dtype)
-        x = x + MultiHeadAttention(self.num_heads, impl=self.attn_impl, name="attn", **kw)(h, mask=mask).astype(jnp.float32)
+        attn = MultiHeadAttention(self.num_heads, impl=self.attn_impl, name="attn", **kw)
+        x = x + attn(h, mask=mask).astype(jnp.float32)
         h = RMSNorm(param_dtype=self.param_dtype, name="mlp_norm")(x).astype(self.dtype)
         h = MLP(int(x.shape[-1] * self.mlp_ratio), activation="gelu_tanh", name="mlp", **kw)(h)
         return constrain(x + h.astype(jnp.float32), ACT)

@@ -111,7 +111,8 @@ def encode_latents(vae: CausalVAE, vae_params, video: jax.Array) -> jax.Array:
 
 
 def dit_loss(params, batch, key, frozen, *, models: Models, train: ml_collections.ConfigDict,
-             schedule_cfg: ml_collections.ConfigDict, uncond: tuple[np.ndarray, np.ndarray], t: jax.Array | None = None):
+             schedule_cfg: ml_collections.ConfigDict, uncond: tuple[np.ndarray, np.ndarray],
+             t: jax.Array | None = None):
     """Flow-matching / diffusion loss of the DiT and the jointly trained text encoder.
 
     Captions are dropped to the empty (unconditional) prompt with probability

@@ -267,7 +267,8 @@ def check_mesh_and_batch(config, devices: int, processes: int, where: str) -> di
     except ValueError as e:
         raise ValueError(f"{where} has {devices} devices: {e}") from None
     divisor = math.lcm(mesh["data"] * mesh["fsdp"], processes)
-    for key, batch in (("data.batch_size", config.data.batch_size), ("vae_train.batch_size", config.vae_train.batch_size)):
+    batches = (("data.batch_size", config.data.batch_size), ("vae_train.batch_size", config.vae_train.batch_size))
+    for key, batch in batches:
         if batch and batch % divisor:
             raise ValueError(f"{key}={batch} must be a multiple of {divisor} on {where}: divisible by "
                              f"data x fsdp = {mesh['data'] * mesh['fsdp']} and by its {processes} processes")
@@ -311,7 +312,8 @@ def make_plan(args: argparse.Namespace) -> TrainPlan:
     train_args = ["--config", parsed.config, "--workdir", workdir, "--phase", parsed.phase, *parsed.overrides, *extra]
     spec = f"vdit[tpu] @ git+{args.repo}" + (f"@{args.ref}" if args.ref else "")
     provisioning = "spot" if args.spot else "reserved" if args.reserved else "on-demand"
-    return TrainPlan(Target(args.name, args.zone, args.project), tpu, provisioning, train_args, bucket, prepare_args, spec)
+    target = Target(args.name, args.zone, args.project)
+    return TrainPlan(target, tpu, provisioning, train_args, bucket, prepare_args, spec)
 
 
 # ------------------------------------------------------------------ running it

@@ -55,7 +55,8 @@ def _render_train(r: dict) -> str:
         f"{d['mlp_dim']}), {d['dtype']} matmuls, `{d['attention_impl']}` attention; {s['batch']} x latents "
         f"{tuple(s['latent_shape'])} = {s['tokens_per_step']:,} tokens/step, {s['text_len']} text tokens.",
         f"Model FLOPs {s['train_flops_per_step'] / 1e9:.4g} G/step (3 x forward; forward: {shares}). "
-        f"GEMM peak: {gemm or 'not measured (untimed run)'}" + (f"; spec peak {s['spec_peak'] * 1e-12:.0f} TFLOP/s" if s.get("spec_peak") else "")
+        f"GEMM peak: {gemm or 'not measured (untimed run)'}"
+        + (f"; spec peak {s['spec_peak'] * 1e-12:.0f} TFLOP/s" if s.get("spec_peak") else "")
         + ".",
     ]
     if r.get("flop_check"):

@@ -67,7 +67,8 @@ def convert_folder(src: str | pathlib.Path, out: str | pathlib.Path, *, overwrit
     import orbax.checkpoint as ocp
 
     src, out = pathlib.Path(src), pathlib.Path(out).absolute()
-    folders = [src] if (src / "config.json").exists() else [src / p for p, _ in CONVERTERS.values() if (src / p).is_dir()]
+    folders = [src] if (src / "config.json").exists() else [
+        src / p for p, _ in CONVERTERS.values() if (src / p).is_dir()]
     if not folders:
         raise ValueError(f"{src} holds neither a diffusers model (config.json) nor transformer/ or vae/ subfolders")
     written = []

@@ -28,7 +28,8 @@ def dit_kwargs_from_config(config: Mapping[str, Any]) -> dict:
         if config.get(key, ok) != ok:
             raise ValueError(f"Wan config has {key}={config[key]!r}: only text-to-video (no image branch) converts")
     if config.get("qk_norm", "rms_norm_across_heads") not in ("rms_norm_across_heads", None):
-        raise ValueError(f"Wan qk_norm={config['qk_norm']!r} is not supported; expected 'rms_norm_across_heads' or None")
+        raise ValueError(
+            f"Wan qk_norm={config['qk_norm']!r} is not supported; expected 'rms_norm_across_heads' or None")
     heads, head_dim = config.get("num_attention_heads", 40), config.get("attention_head_dim", 128)
     return dict(
         in_channels=config.get("in_channels", 16),
@@ -62,7 +63,8 @@ def wan_config_from_dit(dit, *, rope_max_seq_len: int = 1024) -> dict:
     if dit.width % dit.num_heads:
         raise ValueError(f"DiT width {dit.width} must be divisible by num_heads {dit.num_heads}")
     if dit.pooled_text:
-        raise ValueError("DiT pooled_text=True has no diffusers Wan equivalent (Wan conditions on text by cross-attention only)")
+        raise ValueError(
+            "DiT pooled_text=True has no diffusers Wan equivalent (Wan conditions on text by cross-attention only)")
     if dit.rope_theta != 10000.0:
         raise ValueError(f"diffusers' Wan RoPE is fixed at theta=10000; this DiT has rope_theta={dit.rope_theta}")
     config = dict(
@@ -111,7 +113,8 @@ def convert_wan_dit(model_or_state_dict, config: Mapping[str, Any] | None = None
         raise ValueError(f"patch_embedding.weight has shape {w.shape}, expected {(d, c, pt, ph, pw)}")
     params: dict[str, Any] = {
         "patch_embed": {
-            "linear": {"kernel": w.transpose(2, 3, 4, 1, 0).reshape(pt * ph * pw * c, d), "bias": src.pop("patch_embedding.bias")}
+            "linear": {"kernel": w.transpose(2, 3, 4, 1, 0).reshape(pt * ph * pw * c, d),
+                       "bias": src.pop("patch_embedding.bias")}
         },
         "time_embed": {
             "fc1": linear(src, "condition_embedder.time_embedder.linear_1"),
