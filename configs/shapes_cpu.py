@@ -22,8 +22,8 @@ def get_config(arg=None):
     c.train.update(steps=1000, ema_decay=0.995, latents="cached", log_every=50, eval_every=500, checkpoint_every=500)
     c.optim.update(lr=2e-3, warmup_steps=50)
     # Training times drawn around t = 0.73 (logit-normal, mean 1) rather than 0.5: motion is
-    # decided at high noise, and with mean 0 the DiT learned color and shape but objects that
-    # stayed in place (direction 0.33 against 0.83 at 1,000 steps in the issue-5 sweep).
+    # decided at high noise. With mean 0 the demo's objects stayed in place (direction 33%,
+    # against 58% with mean 1; README, Results).
     c.schedule.update(logit_mean=1.0)
     c.vae_train.update(steps=800, batch_size=8, frames=0, recon="l2", sample_posterior=False, log_every=50,
                        checkpoint_every=400)
