@@ -72,6 +72,49 @@ class Dense(nn.Module):
         )(x)
 
 
+class DenseWeights(nn.Module):
+    """The kernel and bias a ``Dense`` of the same name would hold, returned unapplied.
+
+    Lets a caller fuse several projections of one input into a single matmul (q/k/v)
+    while the parameter tree stays ``NAME/linear/{kernel,bias}``, as ``Dense`` has it,
+    so checkpoints and converters see no difference. Initial values match ``Dense``'s.
+    """
+
+    features: int
+    axes: tuple[str | None, str | None] = ("embed", "mlp")
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, in_features: int) -> tuple[jax.Array, jax.Array]:
+        return _LinearWeights(self.features, self.axes, self.param_dtype, name="linear")(in_features)
+
+
+class _LinearWeights(nn.Module):
+    features: int
+    axes: tuple[str | None, str | None]
+    param_dtype: Dtype
+
+    @nn.compact
+    def __call__(self, in_features: int) -> tuple[jax.Array, jax.Array]:
+        kernel = self.param("kernel", partitioned(default_kernel_init, self.axes), (in_features, self.features),
+                            self.param_dtype)
+        bias = self.param("bias", partitioned(nn.initializers.zeros_init(), (self.axes[1],)), (self.features,),
+                          self.param_dtype)
+        return kernel, bias
+
+
+def fused_dense(x: jax.Array, weights: Sequence[tuple[jax.Array, jax.Array]], dtype: Dtype) -> list[jax.Array]:
+    """``[x W_i + b_i for each i]`` as one matmul over the kernels stacked on a new axis.
+
+    Stacking (not concatenating) keeps every kernel's own sharding: the new axis is
+    never sharded, so no device needs another's slice.
+    """
+    kernel = jnp.stack([k for k, _ in weights], axis=1).astype(dtype)  # (in, n, out)
+    bias = jnp.stack([b for _, b in weights]).astype(dtype)  # (n, out)
+    y = jnp.einsum("...i,ino->...no", x.astype(dtype), kernel) + bias
+    return [y[..., i, :] for i in range(len(weights))]
+
+
 class Conv(nn.Module):
     """An N-d convolution on channels-last input with logical axes on the kernel.
 
