@@ -327,16 +327,29 @@ def test_evaluate_samples_schema(tmp_path):
     gen[0] = 0
     real, _ = ms.render_clips("validation", np.arange(32), frames=5, resolution=16)
     res = ev.evaluate_samples(gen, prompts, real_videos=real, vae=ToyVAE(), vae_params={}, extra={"step": 7})
-    assert set(res) == {"schema_version", "num_videos", "train", "heldout", "overall", "temporal_consistency",
-                        "frechet_distance", "num_real_videos", "vae_psnr_db", "step"}
+    assert set(res) == {"schema_version", "num_videos", "train", "heldout", "overall", "confusion",
+                        "temporal_consistency", "frechet_distance", "num_real_videos", "vae_psnr_db", "step"}
     assert res["num_videos"] == 16 and res["num_real_videos"] == 32 and res["vae_psnr_db"] == 100.0
     assert res["heldout"]["all_correct"] == 15 / 16 and res["train"]["all_correct"] is None
     assert res["temporal_consistency"] == 15 / 16 and res["frechet_distance"] > 0
     assert set(res["overall"]) == {"count", "color", "shape", "direction", "all_correct", "status"}
+    # Confusion: video 0 is black (unread); the others read as asked.
+    conf = res["confusion"]
+    assert set(conf) == {"color", "shape", "direction"}
+    assert sum(n for row in conf["shape"].values() for n in row.values()) == 16
+    asked0 = ms.SHAPES[p["shape"][0]]
+    assert conf["shape"][asked0]["unread"] == 1
+    for attr, names in (("color", ms.COLORS), ("shape", ms.SHAPES), ("direction", ms.DIRECTIONS)):
+        for asked, row in conf[attr].items():
+            assert set(row) >= set(names) | {"unread"}
+            wrong = sum(n for read, n in row.items() if read not in (asked, "unread"))
+            assert wrong == 0, (attr, asked, row)
+    assert set(conf["direction"][next(iter(conf["direction"]))]) == set(ms.DIRECTIONS) | {"static", "unread"}
     ev.save_results(res, tmp_path / "W" / "eval.json")
     assert json.loads((tmp_path / "W" / "eval.json").read_text()) == res
     table = ev.format_table(res)
     assert "heldout" in table and "0.938" in table and "100.00 dB" in table
+    assert f"most misread: {asked0}->unread 1" in table
     bare = ev.evaluate_samples(gen, prompts)
     assert bare["frechet_distance"] is None and bare["vae_psnr_db"] is None
     assert "-" in ev.format_table(bare)

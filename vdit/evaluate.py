@@ -19,6 +19,10 @@ networks), so scores are reproducible anywhere::
   right, and how many videos the analyzer found one object in (``ok``), none,
   several, or could not read (``unclear``). A video that is not ``ok`` counts as
   wrong on every attribute.
+* ``confusion``: ``{attribute: {asked: {read: count}}}`` over all videos, for the
+  values some prompt asked for; ``read`` is every value of the attribute (directions
+  add ``"static"``) and ``"unread"`` (status not ``ok``). Shows, e.g., squares drawn
+  round enough to read as circles.
 * ``temporal_consistency``: mean over videos of the fraction of frames showing
   exactly one object whose hue class is the video's majority.
 * ``frechet_distance``: between generated and real clips' ``clip_features``
@@ -39,11 +43,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vdit.analyzer import STATUSES, Analysis, AnalyzerConfig, analyze_videos, chroma
-from vdit.data.moving_shapes import COLORS, DIRECTIONS, HELDOUT_COMBOS, SHAPES
+from vdit.analyzer import DIRECTION_NAMES, STATUSES, Analysis, AnalyzerConfig, analyze_videos, chroma
+from vdit.data.moving_shapes import ATTRIBUTES, COLORS, DIRECTIONS, HELDOUT_COMBOS, SHAPES
 from vdit.media import to_uint8
 
 SCHEMA_VERSION = 1
+_UNREAD = "unread"  # confusion column of videos whose status is not "ok"
 _PROMPT = re.compile(r"^\s*an?\s+(\w+)\s+(\w+)\s+moving\s+(\w+)\s*\.?\s*$", re.IGNORECASE)
 
 
@@ -100,7 +105,8 @@ def caption_adherence(
     Returns:
       ``{"num_videos", "train", "heldout", "overall"}``, each group as in the module's
       schema: ``count``, accuracies ``color``, ``shape``, ``direction``,
-      ``all_correct`` (None when the group is empty) and ``status`` counts.
+      ``all_correct`` (None when the group is empty) and ``status`` counts; and
+      ``"confusion"``: per attribute, what was asked -> what the analyzer read -> count.
     """
     a = _analysis(videos, config)
     targets = [parse_prompt(p) for p in prompts]
@@ -121,8 +127,17 @@ def caption_adherence(
             "status": {s: int((a.status[sel] == s).sum()) for s in STATUSES},
         }
 
+    read_names = {"color": COLORS, "shape": SHAPES, "direction": DIRECTION_NAMES}
+    confusion = {}
+    for i, (attr, names) in enumerate(read_names.items()):
+        got = getattr(a, attr)
+        confusion[attr] = {
+            asked: {**{read: int(((want[:, i] == ai) & (got == ri)).sum()) for ri, read in enumerate(names)},
+                    _UNREAD: int(((want[:, i] == ai) & (got < 0)).sum())}
+            for ai, asked in enumerate(ATTRIBUTES[attr]) if (want[:, i] == ai).any()
+        }
     return {"num_videos": len(a), "train": group(~is_held), "heldout": group(is_held),
-            "overall": group(np.ones(len(a), bool))}
+            "overall": group(np.ones(len(a), bool)), "confusion": confusion}
 
 
 # ----------------------------------------------------------------------------- temporal consistency
@@ -414,6 +429,7 @@ def summarize(
         "train": adherence["train"],
         "heldout": adherence["heldout"],
         "overall": adherence["overall"],
+        "confusion": adherence.get("confusion"),
         "temporal_consistency": temporal_consistency,
         "frechet_distance": frechet_distance,
         "num_real_videos": num_real_videos,
@@ -497,6 +513,11 @@ def format_table(results: Mapping[str, Any]) -> str:
             + " ".join(f"{num(g.get(k)):>6}" for k in ("color", "shape", "direction", "all_correct"))
             + f"  {st.get('none', 0)}/{st.get('several', 0)}/{st.get('unclear', 0)}"
         )
+    misread = sorted(((n, f"{asked}->{read}") for rows in (results.get("confusion") or {}).values()
+                      for asked, row in rows.items() for read, n in row.items() if read != asked and n),
+                     reverse=True)
+    if misread:
+        lines.append("most misread: " + ", ".join(f"{k} {n}" for n, k in misread[:4]))
     lines.append(
         f"temporal consistency {num(results.get('temporal_consistency'))}"
         f" | Fréchet distance {num(results.get('frechet_distance'), '{:.2f}')}"
