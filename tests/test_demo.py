@@ -15,8 +15,8 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
     assert "heldout" in table and "color" in table
 
     results = json.loads((workdir / "eval.json").read_text())
-    for key in ("schema_version", "num_videos", "train", "heldout", "temporal_consistency", "frechet_distance",
-                "vae_psnr_db", "timings", "seeds"):
+    for key in ("schema_version", "num_videos", "train", "heldout", "confusion", "temporal_consistency",
+                "frechet_distance", "vae_psnr_db", "timings", "seeds"):
         assert key in results, key
     for group in ("train", "heldout"):
         assert set(results[group]) >= {"count", "color", "shape", "direction", "all_correct"}
@@ -38,3 +38,14 @@ def test_demo_rejects_an_unknown_override_before_doing_any_work(tmp_path, capsys
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["vdit demo: error: unknown config key 'train.step'; did you mean 'train.steps'?"]
     assert not workdir.exists()
+
+
+def test_run_demo_leaves_the_callers_config_alone(tmp_path):
+    from vdit.config import load_config
+    from vdit.demo import run_demo
+
+    config = load_config("shapes_cpu")
+    before = config.to_json()
+    with pytest.raises(ValueError, match="train.steps"):
+        run_demo(tmp_path / "demo", config=config, overrides=["train.steps=7", "train.step=5"])
+    assert config.to_json() == before and not (tmp_path / "demo").exists()

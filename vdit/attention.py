@@ -131,9 +131,8 @@ class MultiHeadAttention(nn.Module):
         src = x if context is None else context
         # One matmul per input (q/k/v of x, or q of x and k/v of the context): fewer,
         # wider GEMMs, and the backward pass sums one input gradient instead of three.
-        w = {n: layers.DenseWeights(d, ("embed", "heads"), self.param_dtype, name=n)(x.shape[-1] if n == "q"
-                                                                                    else src.shape[-1])
-             for n in ("q", "k", "v")}
+        in_dim = {"q": x.shape[-1], "k": src.shape[-1], "v": src.shape[-1]}
+        w = {n: layers.DenseWeights(d, ("embed", "heads"), self.param_dtype, name=n)(in_dim[n]) for n in in_dim}
         if context is None:
             q, k, v = layers.fused_dense(x, [w["q"], w["k"], w["v"]], self.dtype)
         else:

@@ -71,7 +71,7 @@ def run_demo(workdir: str | pathlib.Path, *, quick: bool = False, data_dir: str 
     """Runs the whole demo in ``workdir``; returns the evaluation results (also in ``W/eval.json``).
 
     ``overrides`` (``"train.steps=2000"``, ...) apply on top of ``shapes_cpu`` (and ``quick``)
-    or of ``config``.
+    or of a copy of ``config``, which is left unchanged.
     """
     import jax
 
@@ -88,6 +88,8 @@ def run_demo(workdir: str | pathlib.Path, *, quick: bool = False, data_dir: str 
         config = load_config("shapes_cpu")
         if quick:
             override(config, quick_overrides())
+    else:
+        config = config.copy_and_resolve_references()  # the demo sets data and cache keys; the caller's stays as given
     override(config, list(overrides))
     seeds = seeds or (2 if quick else 4)
     # Enough distinct clips for the DiT's epochs, few enough to encode into the latent cache in minutes.
