@@ -349,7 +349,8 @@ def test_evaluate_samples_schema(tmp_path):
     assert json.loads((tmp_path / "W" / "eval.json").read_text()) == res
     table = ev.format_table(res)
     assert "heldout" in table and "0.938" in table and "100.00 dB" in table
-    assert f"most misread: {asked0}->unread 1" in table
+    color0 = ms.COLORS[p["color"][0]]
+    assert f"most misread: {color0}->unread 1, {asked0}->unread 1, " in table
     bare = ev.evaluate_samples(gen, prompts)
     assert bare["frechet_distance"] is None and bare["vae_psnr_db"] is None
     assert "-" in ev.format_table(bare)

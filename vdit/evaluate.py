@@ -513,11 +513,11 @@ def format_table(results: Mapping[str, Any]) -> str:
             + " ".join(f"{num(g.get(k)):>6}" for k in ("color", "shape", "direction", "all_correct"))
             + f"  {st.get('none', 0)}/{st.get('several', 0)}/{st.get('unclear', 0)}"
         )
-    misread = sorted(((n, f"{asked}->{read}") for rows in (results.get("confusion") or {}).values()
+    misread = sorted(((f"{asked}->{read}", n) for rows in (results.get("confusion") or {}).values()
                       for asked, row in rows.items() for read, n in row.items() if read != asked and n),
-                     reverse=True)
+                     key=lambda pair: -pair[1])  # stable: ties keep color, shape, direction order
     if misread:
-        lines.append("most misread: " + ", ".join(f"{k} {n}" for n, k in misread[:4]))
+        lines.append("most misread: " + ", ".join(f"{k} {n}" for k, n in misread[:4]))
     lines.append(
         f"temporal consistency {num(results.get('temporal_consistency'))}"
         f" | Fréchet distance {num(results.get('frechet_distance'), '{:.2f}')}"
