@@ -127,7 +127,7 @@ def caption_adherence(
             "status": {s: int((a.status[sel] == s).sum()) for s in STATUSES},
         }
 
-    read_names = {"color": COLORS, "shape": SHAPES, "direction": DIRECTION_NAMES}
+    read_names = {**ATTRIBUTES, "direction": DIRECTION_NAMES}  # the analyzer may also read "static"
     confusion = {}
     for i, (attr, names) in enumerate(read_names.items()):
         got = getattr(a, attr)
