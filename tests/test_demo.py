@@ -8,7 +8,7 @@ from vdit.cli import main
 
 
 @pytest.mark.slow
-def test_quick_demo_end_to_end(tmp_path, capsys):
+def test_quick_demo_end_to_end(tmp_path, capsys, monkeypatch):
     workdir = tmp_path / "demo"
     assert main(["demo", "--quick", "--workdir", str(workdir), "--no_progress"]) == 0
     table = capsys.readouterr().out
@@ -25,10 +25,17 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
     assert len(list(samples.glob("*.mp4"))) == results["num_videos"]
     assert (samples / "grid_labelled.gif").exists() and (samples / "contact_sheet.png").exists()
 
-    # A second run on the same workdir reuses data and checkpoints: no step is trained again.
+    # A second run on the same workdir reuses data and checkpoints: no step is trained again,
+    # and it samples with this run's sample settings, not those saved with the checkpoints.
+    import vdit.sample
+
+    calls = []
+    generate = vdit.sample.generate
+    monkeypatch.setattr(vdit.sample, "generate", lambda *a, **kw: calls.append(kw) or generate(*a, **kw))
     before = (workdir / "dit" / "metrics.jsonl").read_text()
-    assert main(["demo", "--quick", "--workdir", str(workdir), "--no_progress"]) == 0
+    assert main(["demo", "--quick", "--workdir", str(workdir), "--no_progress", "sample.cfg=1.5"]) == 0
     assert (workdir / "dit" / "metrics.jsonl").read_text() == before
+    assert [kw["cfg"] for kw in calls] == [1.5]
     assert main(["eval", "--workdir", str(workdir)]) == 0
 
 

@@ -112,7 +112,11 @@ def run_demo(workdir: str | pathlib.Path, *, quick: bool = False, data_dir: str 
     pipe = load_pipeline(workdir)
     prompts = demo_prompts()
     texts = [p for p, _, _ in prompts]
-    videos = generate(pipe, texts, num_per_prompt=seeds)
+    # The workdir's config holds the sample settings of the run that trained it; this run's
+    # overrides (``sample.cfg=6`` on a finished workdir) are what the user asked for now.
+    opts = config.sample
+    videos = generate(pipe, texts, num_per_prompt=seeds, steps=opts.steps, sampler=opts.sampler, cfg=opts.cfg,
+                      seed=opts.seed, negative_prompt=opts.negative_prompt)
     names = [f"{i:02d}_{media.slug(p)}_s{s}" for i, p in enumerate(texts) for s in range(seeds)]
     samples = workdir / "samples"
     paths = media.write_all(samples, videos, names)
