@@ -150,5 +150,11 @@ def test_cached_latents_train_like_online_encoding(data, vae_workdir, tmp_path):
     cached = np.load(tmp_path / "cached" / "latents" / "latents.npy")
     np.testing.assert_allclose(cached.mean(axis=(0, 1, 2, 3)), 0.0, atol=1e-4)
     np.testing.assert_allclose(cached.std(axis=(0, 1, 2, 3)), 1.0, atol=1e-3)
+    # The cache holds token ids: a run with another tokenizer must not train on them.
+    shutil.rmtree(tmp_path / "cached" / "dit")
+    with pytest.raises(ValueError, match=r"latent cache .* built with tokenizer='ByteTokenizer.*this run has "
+                                         r"tokenizer='WordTokenizer"):
+        train(tiny(data, "train.steps=1", "train.latents=cached", "text.tokenizer=words"), tmp_path / "cached", "dit",
+              progress=False)
     with pytest.raises(ValueError, match="train.latents='disk'"):
         train(tiny(data, "train.latents=disk"), _with_vae(vae_workdir, tmp_path / "bad"), "dit", progress=False)

@@ -10,7 +10,7 @@ import pytest
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from vdit import text
-from vdit.text import BOS, EOS, PAD, ByteTextEncoder, ByteTokenizer, PromptTruncatedWarning, TextEncoder
+from vdit.text import BOS, EOS, PAD, TransformerTextEncoder, ByteTokenizer, PromptTruncatedWarning, TextEncoder, WordTokenizer
 
 L = 32
 PROMPTS = ["a red circle moving left", "ein Würfel 🎲 bewegt sich", "", "é"]
@@ -18,7 +18,7 @@ PROMPTS = ["a red circle moving left", "ein Würfel 🎲 bewegt sich", "", "é"]
 
 @pytest.fixture(scope="module")
 def enc():
-    return ByteTextEncoder(max_length=L, width=32, depth=2, num_heads=4)
+    return TransformerTextEncoder(max_length=L, width=32, depth=2, num_heads=4)
 
 
 @pytest.fixture(scope="module")
@@ -93,11 +93,64 @@ def test_bad_config_raises():
     with pytest.raises(ValueError, match="max_length"):
         ByteTokenizer(2)
     with pytest.raises(ValueError, match="divide"):
-        ByteTextEncoder(width=30, num_heads=4)
+        TransformerTextEncoder(width=30, num_heads=4)
     with pytest.raises(ValueError, match="attn_impl"):
-        ByteTextEncoder(attn_impl="flash")
+        TransformerTextEncoder(attn_impl="flash")
     with pytest.raises(ValueError, match="vocab_size"):
-        ByteTextEncoder(vocab_size=100)
+        TransformerTextEncoder(vocab_size=100)
+
+
+def test_word_tokenizer_one_id_per_word_case_and_punctuation():
+    tok = WordTokenizer(max_length=10, vocab_size=4096)
+    ids, mask = tok(["a red circle moving left", "A  Red, circle!", ""])
+    assert ids.shape == mask.shape == (3, 10) and ids.dtype == np.int32
+    a, red, circle = (tok.word_id(w) for w in ("a", "red", "circle"))
+    np.testing.assert_array_equal(ids[0, :7], [BOS, a, red, circle, tok.word_id("moving"), tok.word_id("left"), EOS])
+    # Case and spacing do not matter; punctuation marks are pieces of their own.
+    np.testing.assert_array_equal(ids[1, :7], [BOS, a, red, tok.word_id(","), circle, tok.word_id("!"), EOS])
+    np.testing.assert_array_equal(ids[2], [BOS, EOS] + [PAD] * 8)  # the unconditional prompt, as with bytes
+    np.testing.assert_array_equal(mask.sum(1), [7, 7, 2])
+    assert ids.min() >= 0 and ids.max() < tok.vocab_size and (ids[mask][1:-1] >= text.BYTE_OFFSET).any()
+
+
+def test_word_tokenizer_moving_shapes_vocabulary_has_no_collisions():
+    from vdit.data import moving_shapes as ms
+
+    words = ["a", "moving", *ms.COLORS, *ms.SHAPES, *ms.DIRECTIONS]
+    assert WordTokenizer(40).colliding(words) == {}
+    # colliding() does find shared ids: with 5 buckets, 15 words must share some.
+    assert WordTokenizer(40, vocab_size=text.BYTE_OFFSET + 5).colliding(words)
+
+
+def test_word_tokenizer_truncates_whole_words_with_warning():
+    tok = WordTokenizer(max_length=5)  # room for 3 words
+    with pytest.warns(PromptTruncatedWarning, match='truncated to 5 tokens; dropped 2 words: "moving left"'):
+        ids, mask = tok("a red circle moving left")
+    assert ids[0, 4] == EOS and mask.all()
+
+
+def test_word_tokenizer_bad_arguments():
+    with pytest.raises(ValueError, match="max_length"):
+        WordTokenizer(2)
+    with pytest.raises(ValueError, match="vocab_size must be an int > 4"):
+        WordTokenizer(8, vocab_size=4)
+    with pytest.raises(TypeError, match="got bytes"):
+        WordTokenizer(8)(b"red")
+    with pytest.raises(ValueError, match="unknown tokenizer 'wordpiece'; expected 'bytes' or 'words'"):
+        TransformerTextEncoder(tokenizer="wordpiece")
+
+
+def test_word_encoder_embeds_every_word_distinctly():
+    enc = TransformerTextEncoder(max_length=L, width=32, depth=1, num_heads=4, tokenizer="words", vocab_size=512)
+    assert isinstance(enc, TextEncoder) and isinstance(enc.tokenizer, WordTokenizer)
+    p = enc.init(jax.random.key(0))
+    assert nn.unbox(p)["token_embed"]["embedding"].shape == (512, 32)
+    emb, mask = enc.encode(p, ["a red circle moving left", "a red square moving left"])
+    assert emb.shape == (2, L, 32) and int(mask.sum()) == 14
+    # Same-length words differ by one token each, and that token's embedding moves.
+    assert float(jnp.abs(emb[0, 3] - emb[1, 3]).max()) > 1e-3
+    with pytest.raises(TypeError, match="WordTokenizer ids are hashed and do not decode"):
+        enc.decode(enc.tokenize("a red circle")[0])
 
 
 # ----------------------------------------------------------------------------- model
@@ -116,7 +169,7 @@ def test_encode_shapes_dtype_and_zero_padding(enc, params):
 
 @pytest.mark.parametrize("impl", ["xla", "chunked"])
 def test_mask_matters(impl, params):
-    enc = ByteTextEncoder(max_length=L, width=32, depth=2, num_heads=4, attn_impl=impl)
+    enc = TransformerTextEncoder(max_length=L, width=32, depth=2, num_heads=4, attn_impl=impl)
     apply = jax.jit(enc.apply)
     ids, mask = enc.tokenize(["a red circle", "x"])
     base = apply(params, ids, mask)
@@ -172,11 +225,11 @@ def test_jit_traces_once(enc, params):
 
 
 def test_bf16_compute_with_f32_params(params):
-    enc16 = ByteTextEncoder(max_length=L, width=32, depth=2, num_heads=4, dtype=jnp.bfloat16)
+    enc16 = TransformerTextEncoder(max_length=L, width=32, depth=2, num_heads=4, dtype=jnp.bfloat16)
     p16 = jax.eval_shape(enc16.init, jax.random.key(0))
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(nn.unbox(p16)))
     emb16, mask = enc16.encode(params, PROMPTS)
-    emb32, _ = ByteTextEncoder(max_length=L, width=32, depth=2, num_heads=4).encode(params, PROMPTS)
+    emb32, _ = TransformerTextEncoder(max_length=L, width=32, depth=2, num_heads=4).encode(params, PROMPTS)
     assert emb16.dtype == jnp.bfloat16
     assert bool((emb16[~mask] == 0).all())
     # Final RMSNorm makes outputs O(1); bf16 keeps ~3 significant digits.

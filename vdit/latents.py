@@ -103,7 +103,14 @@ def build_latent_cache(path: str | pathlib.Path, dataset, *, models, vae_params,
 
     path = pathlib.Path(path)
     if (path / "meta.json").exists():
-        return LatentCache(path)
+        cache = LatentCache(path)
+        # The cache holds token ids too: one written for another dataset or tokenizer would train on wrong captions.
+        stale = {k: (cache.meta[k], v) for k, v in (meta or {}).items() if k in cache.meta and cache.meta[k] != v}
+        if stale:
+            k, (was, now) = next(iter(stale.items()))
+            raise ValueError(f"the latent cache {path} was built with {k}={was!r}, this run has {k}={now!r}; "
+                             f"delete {path} to rebuild it, or use another workdir")
+        return cache
     loader = make_loader(dataset, batch_size=batch_size // jax.process_count(), shuffle=False, num_epochs=1,
                          frames=frames, tokenizer=models.text.tokenizer, max_text_length=models.text.max_length)
     encode = jax.jit(lambda p, v: encode_latents(models.vae, p, v))

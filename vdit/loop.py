@@ -85,8 +85,9 @@ def load_params(workdir: str | pathlib.Path, phase: str, config: ml_collections.
 
 
 def build_run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, phase: str, *,
-              mesh=None, devices=None) -> Run:
-    """Builds everything a phase needs (fresh state; ``train`` restores on top)."""
+              mesh=None, devices=None, progress: bool = True) -> Run:
+    """Builds everything a phase needs (fresh state; ``train`` restores on top); ``progress`` shows
+    the bars of the one-off latent statistics and latent cache passes."""
     optim, train_cfg = phase_sections(config, phase)
     models = build_models(config)
     mesh = mesh or make_mesh(dict(config.mesh), devices)
@@ -122,16 +123,19 @@ def build_run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, ph
 
     dataset = open_dataset(config.data.name, config.data.data_dir or None, "train")
     if phase == "dit" and config.vae.latents_mean is None and config.vae.latents_std is None:
-        config = with_latent_stats(config, workdir, dataset, models, frozen["vae"], mesh, global_batch)
+        config = with_latent_stats(config, workdir, dataset, models, frozen["vae"], mesh, global_batch,
+                                   progress=progress)
         models = build_models(config)
         loss_fn = functools.partial(loss_fn, models=models)
     batch_keys = ("video", "text_ids", "text_mask")
     if phase == "dit" and train_cfg.latents == "cached":
         from vdit.latents import build_latent_cache
+        from vdit.text import tokenizer_id
 
+        meta = {"dataset": config.data.name, "tokenizer": tokenizer_id(models.text.tokenizer)}
         dataset = build_latent_cache(pathlib.Path(workdir) / "latents", dataset, models=models,
                                      vae_params=frozen["vae"], mesh=mesh, batch_size=global_batch,
-                                     frames=config.data.frames, meta={"dataset": config.data.name})
+                                     frames=config.data.frames, meta=meta, progress=progress)
         batch_keys = ("latents", "text_ids", "text_mask")
     eval_frozen = frozen
     if batch_keys[0] == "latents":
@@ -153,7 +157,7 @@ def build_run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, ph
 
 
 def with_latent_stats(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, dataset, models: Models,
-                      vae_params, mesh, batch_size: int) -> ml_collections.ConfigDict:
+                      vae_params, mesh, batch_size: int, progress: bool = True) -> ml_collections.ConfigDict:
     """A copy of ``config`` whose ``vae.latents_mean``/``latents_std`` are the trained VAE's measured statistics.
 
     Measured once over ``train.latent_stats_clips`` training clips and kept in
@@ -168,7 +172,7 @@ def with_latent_stats(config: ml_collections.ConfigDict, workdir: str | pathlib.
     else:
         mean, std = measure_latent_stats(dataset, models=models, vae_params=vae_params, mesh=mesh,
                                          batch_size=batch_size, frames=config.data.frames,
-                                         num_clips=int(config.train.get("latent_stats_clips", 1024)))
+                                         num_clips=int(config.train.get("latent_stats_clips", 1024)), progress=progress)
         stats = {"latents_mean": mean.tolist(), "latents_std": std.tolist()}
         if jax.process_index() == 0:
             tmp = path.with_suffix(".json.partial")
@@ -195,7 +199,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, phase:
     """
     workdir = pathlib.Path(workdir).absolute()
     _, train_cfg = phase_sections(config, phase)
-    run = build_run(config, workdir, phase, mesh=mesh, devices=devices)
+    run = build_run(config, workdir, phase, mesh=mesh, devices=devices, progress=progress)
     config = run.config  # with measured latent statistics, when the DiT phase measured them
     phase_dir = workdir / phase
     total = int(train_cfg.steps)

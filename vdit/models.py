@@ -15,7 +15,7 @@ import ml_collections
 from vdit.config import to_kwargs
 from vdit.dit import DiT
 from vdit.schedule import Schedule
-from vdit.text import ByteTextEncoder
+from vdit.text import TransformerTextEncoder
 from vdit.vae import CausalVAE
 
 
@@ -38,7 +38,7 @@ class Models:
     """The VAE, text encoder and DiT of one config, plus the noise schedule."""
 
     vae: CausalVAE
-    text: ByteTextEncoder
+    text: TransformerTextEncoder
     dit: DiT
     schedule: Schedule
 
@@ -52,7 +52,7 @@ def build_models(config: ml_collections.ConfigDict) -> Models:
     """All models of a config; raises a one-line ValueError when they do not fit together."""
     vae = build_vae(config)
     text_kwargs = _with_dtypes(to_kwargs(config.text))
-    text = ByteTextEncoder(**text_kwargs)
+    text = TransformerTextEncoder(**text_kwargs)
     dit = DiT(**_with_dtypes(to_kwargs(config.dit)))
     if dit.in_channels != vae.z_dim:
         raise ValueError(f"dit.in_channels={dit.in_channels} must equal vae.z_dim={vae.z_dim}")

@@ -1,4 +1,4 @@
-"""Text encoders: one interface, and a byte-level encoder trained jointly with the DiT.
+"""Text encoders: one interface, and a small transformer encoder trained jointly with the DiT.
 
 A text encoder turns prompts into per-token embeddings ``emb (B, L, D)`` and a
 padding ``mask (B, L)`` (True = real token) that the DiT cross-attends to. The work
@@ -11,8 +11,9 @@ is split in two so that training stays pure:
 * ``encode(params, prompts)`` chains the two for sampling and notebooks.
 
 ``TextEncoder`` is that interface; a pretrained encoder (umT5, say) implements it
-with its own tokenizer and weights. ``ByteTextEncoder`` is the built-in one: UTF-8
-bytes as tokens (nothing to download) and a small pre-norm transformer.
+with its own tokenizer and weights. ``TransformerTextEncoder`` is the built-in one: a
+small pre-norm transformer over UTF-8 bytes (``ByteTokenizer``) or hashed words
+(``WordTokenizer``); neither needs a vocabulary file, so nothing is downloaded.
 
 The empty prompt is the *unconditional* prompt of classifier-free guidance. It
 encodes to ``[BOS, EOS]``, never to an all-padding row, so the mask always has a
@@ -22,7 +23,9 @@ True entry and cross-attention over it stays well-defined.
 from __future__ import annotations
 
 import json
+import re
 import warnings
+import zlib
 from typing import Any, Protocol, Sequence, runtime_checkable
 
 import flax.linen as nn
@@ -166,6 +169,91 @@ class ByteTokenizer:
         return (row - BYTE_OFFSET).astype(np.uint8).tobytes().decode("utf-8", errors="replace")
 
 
+class WordTokenizer:
+    """Word-level tokenizer with hashed ids: ``[BOS, word ids ..., EOS, PAD ...]``.
+
+    A prompt is lower-cased and split into words (runs of letters, digits and ``'``)
+    and single punctuation marks; each piece gets the id ``BYTE_OFFSET + crc32(piece)
+    % (vocab_size - BYTE_OFFSET)``. Hashing (fastText's buckets) needs no vocabulary
+    file, so any word of any language has an id; two words may share one, which a
+    ``vocab_size`` far above the number of distinct words makes rare
+    (``colliding(words)`` lists them for a given vocabulary).
+
+    Why words at all: with bytes, the encoder sees ``circle`` and ``square`` as
+    six-byte strings at the same positions, and a small encoder trained jointly with
+    the DiT from scratch separates them far less than words of different lengths
+    (README, Results). One id per word makes every word equally distinct.
+
+    Padding, ``max_length``, BOS/EOS and truncation (``PromptTruncatedWarning``, at a
+    word boundary) behave as in ``ByteTokenizer``; the empty prompt is ``[BOS, EOS]``.
+    Ids do not decode back to text.
+    """
+
+    _PIECES = re.compile(r"[\w']+|[^\w\s]")
+
+    def __init__(self, max_length: int = 64, vocab_size: int = 4096):
+        if not isinstance(max_length, int) or max_length < 3:
+            raise ValueError(f"max_length must be an int >= 3 (BOS, a word, EOS), got {max_length!r}")
+        if not isinstance(vocab_size, int) or vocab_size <= BYTE_OFFSET:
+            raise ValueError(f"vocab_size must be an int > {BYTE_OFFSET} (the special ids), got {vocab_size!r}")
+        self.max_length = max_length
+        self.vocab_size = vocab_size
+
+    def words(self, prompt: str) -> list[str]:
+        """The pieces ``prompt`` is split into, lower-cased."""
+        return self._PIECES.findall(prompt.lower())
+
+    def word_id(self, word: str) -> int:
+        """The id of one piece."""
+        return BYTE_OFFSET + zlib.crc32(word.encode("utf-8")) % (self.vocab_size - BYTE_OFFSET)
+
+    def colliding(self, words: Sequence[str]) -> dict[int, list[str]]:
+        """Ids shared by more than one of ``words``: ``{id: [words]}`` (empty when all differ)."""
+        by_id: dict[int, set[str]] = {}
+        for w in words:
+            by_id.setdefault(self.word_id(w.lower()), set()).add(w.lower())
+        return {i: sorted(ws) for i, ws in by_id.items() if len(ws) > 1}
+
+    def tokenize_one(self, prompt: str) -> tuple[np.ndarray, np.ndarray]:
+        """Tokenizes one prompt; returns ``ids`` int32 and ``mask`` bool, both ``(max_length,)``."""
+        if not isinstance(prompt, str):
+            raise TypeError(f"prompt must be a str, got {type(prompt).__name__}")
+        words = self.words(prompt)
+        room = self.max_length - 2
+        if len(words) > room:
+            tail = " ".join(words[room:])
+            shown = tail if len(tail) <= 200 else tail[:200] + "..."
+            warnings.warn(
+                f"prompt truncated to {self.max_length} tokens; dropped {len(words) - room} words: "
+                f"{json.dumps(shown, ensure_ascii=False)}",
+                PromptTruncatedWarning,
+                stacklevel=3,
+            )
+            words = words[:room]
+        n = len(words)
+        ids = np.full((self.max_length,), PAD, np.int32)
+        ids[0] = BOS
+        ids[1 : n + 1] = [self.word_id(w) for w in words]
+        ids[n + 1] = EOS
+        mask = np.zeros((self.max_length,), bool)
+        mask[: n + 2] = True
+        return ids, mask
+
+    def __call__(self, prompts: str | Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Tokenizes a batch (a single str is a batch of one): ``ids``, ``mask`` of shape ``(B, max_length)``."""
+        prompts = as_prompt_list(prompts)
+        ids = np.full((len(prompts), self.max_length), PAD, np.int32)
+        mask = np.zeros((len(prompts), self.max_length), bool)
+        for i, p in enumerate(prompts):
+            ids[i], mask[i] = self.tokenize_one(p)
+        return ids, mask
+
+
+def tokenizer_id(tokenizer: Any) -> str:
+    """A short string that changes whenever ``tokenizer`` maps a prompt to other ids (kind, length, vocabulary)."""
+    return f"{type(tokenizer).__name__}(max_length={tokenizer.max_length}, vocab_size={tokenizer.vocab_size})"
+
+
 # ----------------------------------------------------------------------------- model
 
 
@@ -295,18 +383,20 @@ class TextEncoder(Protocol):
         ...
 
 
-class ByteTextEncoder:
-    """The built-in ``TextEncoder``: ``ByteTokenizer`` + ``TextTransformer``.
+class TransformerTextEncoder:
+    """The built-in ``TextEncoder``: a tokenizer + ``TextTransformer``.
 
     Args:
       max_length: tokens per prompt, including BOS and EOS.
       width, depth, num_heads, mlp_ratio, dtype, param_dtype, attn_impl: see
         ``TextTransformer``.
-      vocab_size: embedding rows; defaults to the tokenizer's ``VOCAB_SIZE``.
+      vocab_size: embedding rows. Bytes: at least ``VOCAB_SIZE`` (the default); words:
+        the number of hash buckets (default 4096).
+      tokenizer: ``"bytes"`` (``ByteTokenizer``) or ``"words"`` (``WordTokenizer``).
 
     Example::
 
-      enc = ByteTextEncoder(max_length=32, width=128, depth=2)
+      enc = TransformerTextEncoder(max_length=32, width=128, depth=2)
       params = enc.init(jax.random.key(0))
       emb, mask = enc.encode(params, ["a red circle moving left", ""])
     """
@@ -323,11 +413,18 @@ class ByteTextEncoder:
         param_dtype: Dtype = jnp.float32,
         attn_impl: str = "xla",
         vocab_size: int | None = None,
+        tokenizer: str = "bytes",
     ):
-        self.tokenizer = ByteTokenizer(max_length)
-        vocab_size = VOCAB_SIZE if vocab_size is None else vocab_size
-        if vocab_size < VOCAB_SIZE:
-            raise ValueError(f"vocab_size must be >= {VOCAB_SIZE} (the byte tokenizer's), got {vocab_size}")
+        if tokenizer == "bytes":
+            self.tokenizer = ByteTokenizer(max_length)
+            vocab_size = VOCAB_SIZE if vocab_size is None else vocab_size
+            if vocab_size < VOCAB_SIZE:
+                raise ValueError(f"vocab_size must be >= {VOCAB_SIZE} (the byte tokenizer's), got {vocab_size}")
+        elif tokenizer == "words":
+            self.tokenizer = WordTokenizer(max_length, **({} if vocab_size is None else {"vocab_size": vocab_size}))
+            vocab_size = self.tokenizer.vocab_size
+        else:
+            raise ValueError(f"unknown tokenizer {tokenizer!r}; expected 'bytes' or 'words'")
         if width % num_heads:
             raise ValueError(f"num_heads {num_heads} must divide width {width}")
         if attn_impl not in BACKENDS:
@@ -360,7 +457,10 @@ class ByteTextEncoder:
         return self.tokenizer(prompts)
 
     def decode(self, ids: Any) -> str | list[str]:
-        """See ``ByteTokenizer.decode``."""
+        """See ``ByteTokenizer.decode``; hashed word ids do not decode (a TypeError says so)."""
+        if not hasattr(self.tokenizer, "decode"):
+            raise TypeError(f"{type(self.tokenizer).__name__} ids are hashed and do not decode back to text; "
+                            "only tokenizer='bytes' decodes")
         return self.tokenizer.decode(ids)
 
     def init(self, key: jax.Array) -> Params:
