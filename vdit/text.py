@@ -84,7 +84,49 @@ def _utf8_cut(data: bytes, limit: int) -> int:
     return n
 
 
-class ByteTokenizer:
+class _PaddedTokenizer:
+    """What both tokenizers share: ``[BOS, tokens ..., EOS, PAD ...]`` rows of ``max_length`` and batching."""
+
+    max_length: int
+
+    def _frame(self, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``tokens`` (at most ``max_length - 2`` ids) between BOS and EOS, padded; with its mask."""
+        n = len(tokens)
+        ids = np.full((self.max_length,), PAD, np.int32)
+        ids[0] = BOS
+        ids[1 : n + 1] = tokens
+        ids[n + 1] = EOS
+        mask = np.zeros((self.max_length,), bool)
+        mask[: n + 2] = True
+        return ids, mask
+
+    def _warn_truncated(self, dropped: str, tail: str) -> None:
+        shown = tail if len(tail) <= 200 else tail[:200] + "..."
+        warnings.warn(
+            f"prompt truncated to {self.max_length} tokens; dropped {dropped}: {json.dumps(shown, ensure_ascii=False)}",
+            PromptTruncatedWarning,
+            stacklevel=4,
+        )
+
+    def tokenize_one(self, prompt: str) -> tuple[np.ndarray, np.ndarray]:
+        """One prompt's ``ids`` int32 and ``mask`` bool, both ``(max_length,)``; each tokenizer defines it."""
+        raise NotImplementedError
+
+    def __call__(self, prompts: str | Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Tokenizes a batch (a single str is a batch of one).
+
+        Returns:
+          ``ids`` int32 ``(B, max_length)`` and ``mask`` bool ``(B, max_length)``.
+        """
+        prompts = as_prompt_list(prompts)
+        ids = np.full((len(prompts), self.max_length), PAD, np.int32)
+        mask = np.zeros((len(prompts), self.max_length), bool)
+        for i, p in enumerate(prompts):
+            ids[i], mask[i] = self.tokenize_one(p)
+        return ids, mask
+
+
+class ByteTokenizer(_PaddedTokenizer):
     """Byte-level tokenizer: ``[BOS, utf8 bytes + BYTE_OFFSET ..., EOS, PAD ...]``.
 
     Every prompt is padded (on the right) to exactly ``max_length`` tokens so jitted
@@ -118,35 +160,9 @@ class ByteTokenizer:
         if len(data) > room:
             cut = _utf8_cut(data, room)
             tail = data[cut:].decode("utf-8")
-            shown = tail if len(tail) <= 200 else tail[:200] + "..."
-            warnings.warn(
-                f"prompt truncated to {self.max_length} tokens; dropped {len(tail)} chars: "
-                f"{json.dumps(shown, ensure_ascii=False)}",
-                PromptTruncatedWarning,
-                stacklevel=3,
-            )
+            self._warn_truncated(f"{len(tail)} chars", tail)
             data = data[:cut]
-        n = len(data)
-        ids = np.full((self.max_length,), PAD, np.int32)
-        ids[0] = BOS
-        ids[1 : n + 1] = np.frombuffer(data, np.uint8).astype(np.int32) + BYTE_OFFSET
-        ids[n + 1] = EOS
-        mask = np.zeros((self.max_length,), bool)
-        mask[: n + 2] = True
-        return ids, mask
-
-    def __call__(self, prompts: str | Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-        """Tokenizes a batch (a single str is a batch of one).
-
-        Returns:
-          ``ids`` int32 ``(B, max_length)`` and ``mask`` bool ``(B, max_length)``.
-        """
-        prompts = as_prompt_list(prompts)
-        ids = np.full((len(prompts), self.max_length), PAD, np.int32)
-        mask = np.zeros((len(prompts), self.max_length), bool)
-        for i, p in enumerate(prompts):
-            ids[i], mask[i] = self.tokenize_one(p)
-        return ids, mask
+        return self._frame(np.frombuffer(data, np.uint8).astype(np.int32) + BYTE_OFFSET)
 
     def decode(self, ids: Any) -> str | list[str]:
         """Inverse of tokenization: ``(L,)`` ids give a str, ``(B, L)`` a list of str.
@@ -169,7 +185,7 @@ class ByteTokenizer:
         return (row - BYTE_OFFSET).astype(np.uint8).tobytes().decode("utf-8", errors="replace")
 
 
-class WordTokenizer:
+class WordTokenizer(_PaddedTokenizer):
     """Word-level tokenizer with hashed ids: ``[BOS, word ids ..., EOS, PAD ...]``.
 
     A prompt is lower-cased and split into words (runs of letters, digits and ``'``)
@@ -221,32 +237,9 @@ class WordTokenizer:
         words = self.words(prompt)
         room = self.max_length - 2
         if len(words) > room:
-            tail = " ".join(words[room:])
-            shown = tail if len(tail) <= 200 else tail[:200] + "..."
-            warnings.warn(
-                f"prompt truncated to {self.max_length} tokens; dropped {len(words) - room} words: "
-                f"{json.dumps(shown, ensure_ascii=False)}",
-                PromptTruncatedWarning,
-                stacklevel=3,
-            )
+            self._warn_truncated(f"{len(words) - room} words", " ".join(words[room:]))
             words = words[:room]
-        n = len(words)
-        ids = np.full((self.max_length,), PAD, np.int32)
-        ids[0] = BOS
-        ids[1 : n + 1] = [self.word_id(w) for w in words]
-        ids[n + 1] = EOS
-        mask = np.zeros((self.max_length,), bool)
-        mask[: n + 2] = True
-        return ids, mask
-
-    def __call__(self, prompts: str | Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-        """Tokenizes a batch (a single str is a batch of one): ``ids``, ``mask`` of shape ``(B, max_length)``."""
-        prompts = as_prompt_list(prompts)
-        ids = np.full((len(prompts), self.max_length), PAD, np.int32)
-        mask = np.zeros((len(prompts), self.max_length), bool)
-        for i, p in enumerate(prompts):
-            ids[i], mask[i] = self.tokenize_one(p)
-        return ids, mask
+        return self._frame(np.array([self.word_id(w) for w in words], np.int32))
 
 
 def tokenizer_id(tokenizer: Any) -> str:
