@@ -32,7 +32,8 @@ def base_config() -> ml_collections.ConfigDict:
         mid_attention=True, latents_mean=WAN21_LATENTS_MEAN, latents_std=WAN21_LATENTS_STD, dtype="float32",
     ))
     c.text = ml_collections.ConfigDict(dict(
-        tokenizer="bytes", vocab_size=None, max_length=64, width=256, depth=4, num_heads=4, mlp_ratio=4.0, dtype="float32",
+        tokenizer="bytes", vocab_size=None, max_length=64, width=256, depth=4, num_heads=4, mlp_ratio=4.0,
+        dtype="float32",
     ))
     c.dit = ml_collections.ConfigDict(dict(
         in_channels=16, patch_size=(1, 2, 2), width=384, depth=6, num_heads=6, mlp_dim=1536, text_dim=256,

@@ -10,7 +10,8 @@ import pytest
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from vdit import text
-from vdit.text import BOS, EOS, PAD, TransformerTextEncoder, ByteTokenizer, PromptTruncatedWarning, TextEncoder, WordTokenizer
+from vdit.text import (BOS, EOS, PAD, ByteTokenizer, PromptTruncatedWarning, TextEncoder, TransformerTextEncoder,
+                       WordTokenizer)
 
 L = 32
 PROMPTS = ["a red circle moving left", "ein Würfel 🎲 bewegt sich", "", "é"]
