@@ -16,7 +16,7 @@ def test_quick_demo_end_to_end(tmp_path, capsys, monkeypatch):
 
     results = json.loads((workdir / "eval.json").read_text())
     for key in ("schema_version", "num_videos", "train", "heldout", "confusion", "temporal_consistency",
-                "frechet_distance", "vae_psnr_db", "timings", "seeds"):
+                "frechet_distance", "vae_psnr_db", "vae_agreement", "timings", "seeds"):
         assert key in results, key
     for group in ("train", "heldout"):
         assert set(results[group]) >= {"count", "color", "shape", "direction", "all_correct"}

@@ -12,6 +12,7 @@ from flax import traverse_util
 
 from vdit import analyzer as an
 from vdit import evaluate as ev
+from vdit import frechet as fr
 from vdit.data import moving_shapes as ms
 from vdit.data import open_dataset, prepare_moving_shapes
 from vdit.vae import CausalVAE, DiagonalGaussian
@@ -276,6 +277,37 @@ def test_reconstruction_psnr_causal_vae():
     assert np.isfinite(db) and 0 < db < 100
 
 
+def test_vae_roundtrip_returns_reconstructions():
+    v, _ = ms.render_clips("validation", np.arange(3), frames=5, resolution=16)
+    rec, mse = ev.vae_roundtrip(ToyVAE(), {}, v, batch_size=2)
+    assert rec.dtype == np.uint8 and (rec == v).all() and (mse < 1e-12).all()
+    rec, mse = ev.vae_roundtrip(ToyVAE(0.5), {}, v, batch_size=2)
+    np.testing.assert_array_equal(rec, np.round((0.5 * (v / 127.5 - 1) + 1) * 127.5).astype(np.uint8))
+    assert mse.shape == (3,) and (mse > 0).all()
+
+
+def test_attribute_agreement():
+    v, p = ms.render_clips("validation", np.arange(24))
+    same = ev.attribute_agreement(v, v)
+    assert same == {"color": 1.0, "shape": 1.0, "direction": 1.0, "all_correct": 1.0, "count": 24}
+    # Recoloured: every colour changes, shape and motion stay.
+    recolored = ev.attribute_agreement(v[..., ROTATE], v)
+    assert recolored["color"] == 0 and recolored["shape"] == 1 and recolored["direction"] == 1
+    assert recolored["all_correct"] == 0
+    # Played backwards: every direction flips; one clip blacked out disagrees on everything.
+    backwards = v[:, ::-1].copy()
+    backwards[0] = 0
+    res = ev.attribute_agreement(backwards, v)
+    assert res["direction"] == 0 and res["color"] == res["shape"] == 23 / 24
+    # Squares blurred round: the analyzer's corner measure is what a VAE can lose.
+    blurred = _blur(v.astype(np.float32), 2.0).astype(np.uint8)
+    res = ev.attribute_agreement(blurred, v)
+    squares = p["shape"] == ms.SHAPES.index("square")
+    assert squares.any() and res["shape"] <= 1 - squares.mean() / 2
+    with pytest.raises(ValueError, match="as many videos as references, got 23 and 24"):
+        ev.attribute_agreement(v[:23], v)
+
+
 # ----------------------------------------------------------------------------- Fréchet distance
 
 
@@ -283,37 +315,37 @@ def test_frechet_closed_form():
     mu1, mu2 = np.zeros(2), np.array([1.0, 2.0])
     c1, c2 = np.diag([1.0, 4.0]), np.diag([4.0, 9.0])
     # |mu1 - mu2|^2 + sum (sigma1 - sigma2)^2 for commuting covariances.
-    assert ev.gaussian_frechet_distance(mu1, c1, mu2, c2) == pytest.approx(5 + 1 + 1)
+    assert fr.gaussian_frechet_distance(mu1, c1, mu2, c2) == pytest.approx(5 + 1 + 1)
     rng = np.random.default_rng(0)
     a, b = rng.normal(size=(2, 6, 6))
     c1, c2 = a @ a.T, b @ b.T + 0.1 * np.eye(6)  # non-commuting
     # tr((c1^1/2 c2 c1^1/2)^1/2) = sum of sqrt(eigenvalues of c1 c2).
     expect = np.trace(c1) + np.trace(c2) - 2 * np.sqrt(np.linalg.eigvals(c1 @ c2).real.clip(0)).sum()
-    got = ev.gaussian_frechet_distance(np.zeros(6), c1, np.zeros(6), c2)
+    got = fr.gaussian_frechet_distance(np.zeros(6), c1, np.zeros(6), c2)
     assert got == pytest.approx(expect, rel=1e-6)
-    assert got == pytest.approx(ev.gaussian_frechet_distance(np.zeros(6), c2, np.zeros(6), c1), rel=1e-6)
+    assert got == pytest.approx(fr.gaussian_frechet_distance(np.zeros(6), c2, np.zeros(6), c1), rel=1e-6)
     # Fitted to samples, the distance approaches the closed form.
     x = rng.multivariate_normal(np.zeros(6), c1, 20000)
     y = rng.multivariate_normal(np.ones(6), c2, 20000)
-    assert ev.frechet_distance(x, y) == pytest.approx(expect + 6, rel=0.05)
+    assert fr.frechet_distance(x, y) == pytest.approx(expect + 6, rel=0.05)
 
 
 def test_frechet_on_clips():
     a, pa = ms.render_clips("validation", np.arange(300))
     b, pb = ms.render_clips("validation", np.arange(300, 600))
-    fa, fb = ev.clip_features(a), ev.clip_features(b)
+    fa, fb = fr.clip_features(a), fr.clip_features(b)
     assert fa.shape == (300, 66) and np.isfinite(fa).all()
-    assert ev.frechet_distance(fa, fa) == pytest.approx(0, abs=1e-8)
-    base = ev.frechet_distance(fa, fb)
-    assert base == pytest.approx(ev.frechet_distance(fb, fa), rel=1e-6)
+    assert fr.frechet_distance(fa, fa) == pytest.approx(0, abs=1e-8)
+    base = fr.frechet_distance(fa, fb)
+    assert base == pytest.approx(fr.frechet_distance(fb, fa), rel=1e-6)
     # Colours swapped: red clips against red clips recoloured blue.
-    ra, rb = ev.clip_features(a[pa["color"] == 0]), b[pb["color"] == 0]
-    same = ev.frechet_distance(ra, ev.clip_features(rb))
-    assert ev.frechet_distance(ra, ev.clip_features(rb[..., ROTATE])) > 10 * same
+    ra, rb = fr.clip_features(a[pa["color"] == 0]), b[pb["color"] == 0]
+    same = fr.frechet_distance(ra, fr.clip_features(rb))
+    assert fr.frechet_distance(ra, fr.clip_features(rb[..., ROTATE])) > 10 * same
     # Blur, degradation, static objects and noise are farther still from real clips.
-    blurred = ev.frechet_distance(fa, ev.clip_features(_blur(b.astype(np.float32), 1.0).astype(np.uint8)))
-    static = ev.frechet_distance(fa, ev.clip_features(np.repeat(b[:, :1], b.shape[1], 1)))
-    noise = ev.frechet_distance(fa, ev.clip_features(np.random.default_rng(0).integers(0, 256, b.shape, np.uint8)))
+    blurred = fr.frechet_distance(fa, fr.clip_features(_blur(b.astype(np.float32), 1.0).astype(np.uint8)))
+    static = fr.frechet_distance(fa, fr.clip_features(np.repeat(b[:, :1], b.shape[1], 1)))
+    noise = fr.frechet_distance(fa, fr.clip_features(np.random.default_rng(0).integers(0, 256, b.shape, np.uint8)))
     assert base < blurred < noise and 2 * base < static < noise
 
 
@@ -328,8 +360,10 @@ def test_evaluate_samples_schema(tmp_path):
     real, _ = ms.render_clips("validation", np.arange(32), frames=5, resolution=16)
     res = ev.evaluate_samples(gen, prompts, real_videos=real, vae=ToyVAE(), vae_params={}, extra={"step": 7})
     assert set(res) == {"schema_version", "num_videos", "train", "heldout", "overall", "confusion",
-                        "temporal_consistency", "frechet_distance", "num_real_videos", "vae_psnr_db", "step"}
+                        "temporal_consistency", "frechet_distance", "num_real_videos", "vae_psnr_db", "vae_agreement",
+                        "step"}
     assert res["num_videos"] == 16 and res["num_real_videos"] == 32 and res["vae_psnr_db"] == 100.0
+    assert res["vae_agreement"] == {"color": 1.0, "shape": 1.0, "direction": 1.0, "all_correct": 1.0, "count": 32}
     assert res["heldout"]["all_correct"] == 15 / 16 and res["train"]["all_correct"] is None
     assert res["temporal_consistency"] == 15 / 16 and res["frechet_distance"] > 0
     assert set(res["overall"]) == {"count", "color", "shape", "direction", "all_correct", "status"}
@@ -349,10 +383,11 @@ def test_evaluate_samples_schema(tmp_path):
     assert json.loads((tmp_path / "W" / "eval.json").read_text()) == res
     table = ev.format_table(res)
     assert "heldout" in table and "0.938" in table and "100.00 dB" in table
+    assert "VAE reconstructions keep color/shape/direction in 100%/100%/100% of 32 validation clips" in table
     color0 = ms.COLORS[p["color"][0]]
     assert f"most misread: {color0}->unread 1, {asked0}->unread 1, " in table
     bare = ev.evaluate_samples(gen, prompts)
-    assert bare["frechet_distance"] is None and bare["vae_psnr_db"] is None
+    assert bare["frechet_distance"] is None and bare["vae_psnr_db"] is None and bare["vae_agreement"] is None
     assert "-" in ev.format_table(bare)
     with pytest.raises(ValueError, match="overwrite"):
         ev.summarize(ev.caption_adherence(gen, prompts), extra={"train": 1})

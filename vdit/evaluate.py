@@ -28,6 +28,10 @@ networks), so scores are reproducible anywhere::
 * ``frechet_distance``: between generated and real clips' ``clip_features``
   (``null`` without real clips); ``num_real_videos``: their number.
 * ``vae_psnr_db``: mean per-clip PSNR of VAE reconstructions, dB (``null`` without a VAE).
+* ``vae_agreement``: how often the analyzer reads the same color, shape and direction
+  in a VAE reconstruction as in its input (``attribute_agreement``), ``{"color",
+  "shape", "direction", "all_correct", "count"}``; ``null`` without a VAE. What the
+  DiT can at best reach through this decoder.
 * any ``extra`` keys the caller adds (step, config name, sampler ...).
 """
 
@@ -43,9 +47,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vdit.analyzer import DIRECTION_NAMES, STATUSES, Analysis, AnalyzerConfig, analyze_videos, chroma
+from vdit.analyzer import DIRECTION_NAMES, STATUSES, Analysis, AnalyzerConfig, analyze_videos
 from vdit.data.moving_shapes import ATTRIBUTES, COLORS, DIRECTIONS, HELDOUT_COMBOS, SHAPES
-from vdit.media import to_uint8
+from vdit.frechet import clip_features, frechet_distance
 
 SCHEMA_VERSION = 1
 _UNREAD = "unread"  # confusion column of videos whose status is not "ok"
@@ -190,6 +194,63 @@ def psnr(x: np.ndarray, y: np.ndarray, *, max_db: float = 100.0) -> np.ndarray:
     return _db(np.square(diff).reshape(len(diff), -1).mean(1), max_db)
 
 
+def vae_roundtrip(
+    vae: Any,
+    vae_params: Any,
+    videos: np.ndarray,
+    *,
+    batch_size: int = 8,
+    chunked: bool = False,
+) -> tuple[np.ndarray, np.ndarray]:
+    """``decode(encode(video).mode())`` of every clip, and each clip's MSE against its input.
+
+    Jitted once for a fixed batch shape (the last batch is padded by repeating its
+    last clip), so any number of clips costs one compilation. The MSE compares the
+    VAE's clamped float output with the input in [-1, 1].
+
+    Args:
+      vae: a ``CausalVAE`` (anything with ``encode``/``decode`` methods of that form).
+      vae_params: its parameter tree (the ``"params"`` collection).
+      videos: ``(N, T, H, W, 3)`` uint8, or floats in [-1, 1].
+      batch_size: clips per call.
+      chunked: use the VAE's causal chunked encode/decode.
+
+    Returns:
+      The reconstructions ``(N, T, H, W, 3)`` uint8 and the per-clip MSE ``(N,)``.
+    """
+    import flax.linen as nn
+
+    from vdit.train import to_pixels  # here: vdit.train may one day evaluate
+
+    videos = np.asarray(videos)
+    n = len(videos)
+    if n == 0:
+        raise ValueError("a VAE round trip needs at least one video")
+    bs = max(1, min(batch_size, n))
+    params = nn.meta.unbox(vae_params)
+
+    def roundtrip(module, x):
+        return module.decode(module.encode(x, chunked=chunked).mode(), chunked=chunked)
+
+    @jax.jit
+    def run(p, v):
+        x = to_pixels(v)
+        rec = jnp.clip(vae.apply({"params": p}, x, method=roundtrip).astype(jnp.float32), -1, 1)
+        mse = jnp.mean(jnp.square(rec - x), axis=tuple(range(1, x.ndim)))
+        return jnp.round((rec + 1) * 127.5).astype(jnp.uint8), mse
+
+    recs, mse = [], []
+    for i in range(0, n, bs):
+        batch = videos[i : i + bs]
+        real = len(batch)
+        if real < bs:  # pad to the compiled shape
+            batch = np.concatenate([batch, np.repeat(batch[-1:], bs - real, axis=0)])
+        r, m = run(params, batch)
+        recs.append(np.asarray(r)[:real])
+        mse.append(np.asarray(m)[:real])
+    return np.concatenate(recs), np.concatenate(mse)
+
+
 def reconstruction_psnr(
     vae: Any,
     vae_params: Any,
@@ -199,202 +260,38 @@ def reconstruction_psnr(
     chunked: bool = False,
     max_db: float = 100.0,
 ) -> float:
-    """Mean per-clip PSNR (dB) of ``decode(encode(video).mode())`` against the video.
+    """Mean per-clip PSNR (dB) of ``vae_roundtrip``'s reconstructions against the clips.
 
-    Encode -> decode -> per-clip MSE is jitted once for a fixed batch shape (the last
-    batch is padded by repeating its last clip), so any number of clips costs one
-    compilation, and only uint8 goes in and one number per clip comes out. The VAE's
-    clamped float output is compared with the input in [-1, 1] with peak-to-peak 2
-    (equivalently 255 on uint8 pixels); see ``psnr``.
-
-    Args:
-      vae: a ``CausalVAE`` (anything with ``encode``/``decode`` methods of that form).
-      vae_params: its parameter tree (the ``"params"`` collection).
-      videos: ``(N, T, H, W, 3)`` uint8, or floats in [-1, 1].
-      batch_size: clips per call.
-      chunked: use the VAE's causal chunked encode/decode.
-      max_db: cap of each clip's PSNR.
+    Peak-to-peak 2 on [-1, 1] (equivalently 255 on uint8 pixels); see ``psnr``.
+    ``max_db`` caps each clip's PSNR. The other arguments are ``vae_roundtrip``'s.
     """
-    import flax.linen as nn
-
-    from vdit.train import to_pixels  # here: vdit.train may one day evaluate
-
-    videos = np.asarray(videos)
-    n = len(videos)
-    if n == 0:
-        raise ValueError("reconstruction_psnr needs at least one video")
-    bs = max(1, min(batch_size, n))
-    params = nn.meta.unbox(vae_params)
-
-    def roundtrip(module, x):
-        return module.decode(module.encode(x, chunked=chunked).mode(), chunked=chunked)
-
-    @jax.jit
-    def clip_mse(p, v):
-        x = to_pixels(v)
-        rec = vae.apply({"params": p}, x, method=roundtrip)
-        return jnp.mean(jnp.square(rec.astype(jnp.float32) - x), axis=tuple(range(1, x.ndim)))
-
-    mse = []
-    for i in range(0, n, bs):
-        batch = videos[i : i + bs]
-        real = len(batch)
-        if real < bs:  # pad to the compiled shape
-            batch = np.concatenate([batch, np.repeat(batch[-1:], bs - real, axis=0)])
-        mse.append(np.asarray(clip_mse(params, batch))[:real])
-    return float(_db(np.concatenate(mse), max_db).mean())
+    _, mse = vae_roundtrip(vae, vae_params, videos, batch_size=batch_size, chunked=chunked)
+    return float(_db(mse, max_db).mean())
 
 
-# ----------------------------------------------------------------------------- Fréchet distance
+def attribute_agreement(
+    videos: np.ndarray | Analysis, reference: np.ndarray | Analysis, *, config: AnalyzerConfig | None = None
+) -> dict[str, float | None]:
+    """How often the analyzer reads the same attributes in ``videos`` as in ``reference``.
 
-FEATURE_FRAMES = 5  # frames sampled evenly for the random projection
-FEATURE_GRID = 8  # frames are area-averaged to FEATURE_GRID x FEATURE_GRID
-FEATURE_PROJ = 32  # dimensions of the fixed random projection
-HUE_BINS = 12  # 30 degrees each; palette hues sit on bin centres
-
-
-def _pool_matrix(n: int, g: int) -> np.ndarray:
-    """``(g, n)`` matrix averaging ``n`` pixels into ``g`` cells (nearest pixel when ``n < g``)."""
-    m = np.zeros((g, n), np.float32)
-    if n >= g:
-        m[(np.arange(n) * g) // n, np.arange(n)] = 1
-    else:
-        m[np.arange(g), ((np.arange(g) + 0.5) * n / g).astype(int)] = 1
-    return m / m.sum(1, keepdims=True)
-
-
-def _pixel_features(x: np.ndarray, floor: float, pool: tuple[np.ndarray, np.ndarray], proj: np.ndarray) -> np.ndarray:
-    """Hue histogram, brightness, sharpness and projected layout of uint8 clips ``(m, T, H, W, 3)``."""
-    m, t, h, w, _ = x.shape
-    v = np.maximum(np.maximum(x[..., 0], x[..., 1]), x[..., 2])  # (m, T, H, W) uint8 brightness
-    fg = v > 255 * floor
-    n_fg = fg.reshape(m, -1).sum(1)
-
-    # Hue histogram of the foreground, chroma-weighted, split linearly between bins.
-    ca, cb = chroma(x[fg].astype(np.float32) / 255)  # foreground pixels, clip by clip
-    clip = np.repeat(np.arange(m), n_fg)  # the clip of each
-    weight = np.hypot(ca, cb)
-    pos = (np.degrees(np.arctan2(cb, ca)) % 360) / (360 / HUE_BINS)
-    lo = np.floor(pos).astype(np.int64)
-    frac = pos - lo
-    hist = sum(np.bincount(clip * HUE_BINS + (lo + j) % HUE_BINS, weight * wj, minlength=m * HUE_BINS)
-               for j, wj in ((0, 1 - frac), (1, frac))).reshape(m, HUE_BINS)
-    total = hist.sum(1, keepdims=True)
-
-    # Sharpness: blur spreads brightness into half-lit rims and flattens gradients.
-    vf = v.astype(np.float32) / 255
-    half_lit = (fg & (v < 0.8 * 255)).reshape(m, -1).sum(1) / np.maximum(n_fg, 1)
-    grad = sum(np.square(np.diff(vf, axis=ax)).reshape(m, -1).sum(1) for ax in (2, 3))
-    grad /= np.maximum(np.square(vf).reshape(m, -1).sum(1), 1e-6)
-    fg_frame = fg.reshape(m, t, -1).mean(-1)  # (m, T)
-
-    frames = np.round(np.linspace(0, t - 1, FEATURE_FRAMES)).astype(int)
-    u = x[:, frames].astype(np.float32) / 255
-    pooled = np.einsum("ih,nthwc,jw->ntijc", pool[0], u, pool[1], optimize=True).reshape(m, -1)
-    return np.concatenate([
-        hist / np.maximum(total, 1e-9), total / (t * h * w),
-        np.stack([vf.reshape(m, -1).mean(1), fg_frame.mean(1), fg_frame.std(1), half_lit, grad], 1),
-        pooled.astype(np.float64) @ proj,
-    ], 1)
-
-
-def _analysis_features(a: Analysis, t: int, h: int, w: int) -> np.ndarray:
-    """Shape, status and motion statistics from the analyzer, scaled to about [-1, 1]."""
-    status = np.stack([a.status == s for s in STATUSES], 1)
-    shape_stats = np.stack([a.fill_ratio, np.clip(a.skew, -2, 2), np.clip(a.corner, -2, 2), a.saturation,
-                            a.frame_objects.mean(1), (a.frame_objects == 1).mean(1)], 1)
-    size = np.array([w, h], np.float64)
-    track = a.track / size  # (N, T, 2) as fractions of the frame, NaN where empty
-    has = np.isfinite(track[..., 0])
-    k = np.maximum(has.sum(1), 1)[:, None]
-    mean_pos = np.nan_to_num(track).sum(1) / k
-    s = np.arange(t) - (np.arange(t) * has).sum(1, keepdims=True) / k  # frame index, centred on the fit's
-    line = mean_pos[:, None] + (a.travel / size)[:, None] * (s / max(t - 1, 1))[..., None]
-    resid = np.sqrt((np.nan_to_num(track - line) ** 2).sum((1, 2)) / k[:, 0])  # off the least-squares line
-    travel = a.speed * max(t - 1, 1) / min(h, w)
-    motion = np.concatenate([a.travel / size, mean_pos, travel[:, None], resid[:, None]], 1)
-    return np.concatenate([np.nan_to_num(shape_stats), status, np.nan_to_num(motion)], 1)
-
-
-def clip_features(
-    videos: np.ndarray, analysis: Analysis | None = None, *, seed: int = 0, config: AnalyzerConfig | None = None
-) -> np.ndarray:
-    """A fixed, hand-designed feature vector per clip, for ``frechet_distance``.
-
-    No learned weights, and the same dimensions for any clip size:
-
-    * hue: a 12-bin histogram of the foreground's hue weighted by chroma (split
-      linearly between bins), normalised to sum 1, and the coloured fraction;
-    * brightness and sharpness: mean brightness, foreground fraction and its flicker
-      (std over frames), the half-lit fraction of the foreground and the gradient
-      energy (both move with blur, which the moment-based shape measures ignore);
-    * shape and status from the analyzer: fill ratio, skew, corner, saturation, mean
-      objects per frame, frames with exactly one object, a one-hot status;
-    * motion: displacement and mean position as fractions of the frame, path length,
-      and the RMS deviation of the centroid track from its least-squares line;
-    * layout: 5 evenly spaced frames area-pooled to 8x8x3 (960 values in [0, 1]),
-      projected to 32 dims by a Gaussian matrix drawn from ``seed`` (scaled by 1/sqrt(960)).
-
-    Args:
-      videos: ``(N, T, H, W, 3)`` uint8, or floats in [-1, 1].
-      analysis: ``analyze_videos(videos)`` if already computed.
-      seed: seed of the random projection; compare only features of the same seed.
-      config: analyzer thresholds.
+    For VAE reconstructions against their inputs: a VAE that rounds a square's corners
+    off loses ``shape`` here, whatever its PSNR, and no DiT trained on its latents can
+    draw what it cannot decode. Counted over the reference clips the analyzer reads
+    (status ``ok``); a reconstruction it cannot read disagrees on every attribute.
 
     Returns:
-      ``(N, 66)`` float64.
+      ``{"color", "shape", "direction", "all_correct", "count"}``: agreement rates
+      (``None`` when no reference clip is read) and the number of clips counted.
     """
-    cfg = config or AnalyzerConfig()
-    x = to_uint8(videos)
-    n, t, h, w, _ = x.shape
-    a = analysis if analysis is not None else analyze_videos(x, cfg)
-    proj = np.random.default_rng(seed).standard_normal((FEATURE_FRAMES * FEATURE_GRID**2 * 3, FEATURE_PROJ))
-    proj /= math.sqrt(len(proj))
-    pool = (_pool_matrix(h, FEATURE_GRID), _pool_matrix(w, FEATURE_GRID))
-    # Chunks bound the float copies of the clips.
-    pixel = [_pixel_features(x[i : i + cfg.chunk], cfg.abs_floor, pool, proj) for i in range(0, n, cfg.chunk)]
-    return np.concatenate([np.concatenate(pixel), _analysis_features(a, t, h, w)], 1).astype(np.float64)
-
-
-def fit_gaussian(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Mean ``(D,)`` and covariance ``(D, D)`` (unbiased; zeros for one sample) of ``(N, D)`` features."""
-    f = np.asarray(features, np.float64)
-    if f.ndim != 2 or len(f) == 0:
-        raise ValueError(f"expected features (N, D) with N >= 1, got shape {f.shape}")
-    cov = np.cov(f, rowvar=False).reshape(f.shape[1], f.shape[1]) if len(f) > 1 else np.zeros((f.shape[1],) * 2)
-    return f.mean(0), cov
-
-
-def _sqrt_psd(m: np.ndarray) -> np.ndarray:
-    """Symmetric square root of a symmetric PSD matrix (negative rounding eigenvalues -> 0)."""
-    vals, vecs = np.linalg.eigh(0.5 * (m + m.T))
-    return (vecs * np.sqrt(np.clip(vals, 0, None))) @ vecs.T
-
-
-def gaussian_frechet_distance(mu1: np.ndarray, cov1: np.ndarray, mu2: np.ndarray, cov2: np.ndarray) -> float:
-    """Fréchet (2-Wasserstein squared) distance between ``N(mu1, cov1)`` and ``N(mu2, cov2)``.
-
-    ``|mu1 - mu2|^2 + tr(cov1) + tr(cov2) - 2 tr((cov1^1/2 cov2 cov1^1/2)^1/2)``; the
-    trace term uses eigendecompositions of symmetric PSD matrices only (no scipy),
-    so it is symmetric and exact for singular covariances.
-    """
-    mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
-    cov1, cov2 = np.asarray(cov1, np.float64), np.asarray(cov2, np.float64)
-    s1 = _sqrt_psd(cov1)
-    cross = np.linalg.eigvalsh(0.5 * ((s1 @ cov2 @ s1) + (s1 @ cov2 @ s1).T))
-    trace_sqrt = np.sqrt(np.clip(cross, 0, None)).sum()
-    d = float(np.sum((mu1 - mu2) ** 2) + np.trace(cov1) + np.trace(cov2) - 2 * trace_sqrt)
-    return max(d, 0.0)
-
-
-def frechet_distance(features_a: np.ndarray, features_b: np.ndarray) -> float:
-    """Fréchet distance between Gaussians fitted to two ``(N, D)`` feature sets."""
-    return gaussian_frechet_distance(*fit_gaussian(features_a), *fit_gaussian(features_b))
-
-
-def video_frechet_distance(generated: np.ndarray, real: np.ndarray, *, seed: int = 0) -> float:
-    """Fréchet distance between generated and real clips in the ``clip_features`` space."""
-    return frechet_distance(clip_features(generated, seed=seed), clip_features(real, seed=seed))
+    a, ref = _analysis(videos, config), _analysis(reference, config)
+    if len(a) != len(ref):
+        raise ValueError(f"attribute agreement needs as many videos as references, got {len(a)} and {len(ref)}")
+    keep = ref.status == "ok"
+    same = {k: (getattr(a, k) == getattr(ref, k))[keep] & (a.status[keep] == "ok") for k in ATTRIBUTES}
+    out = {k: _rate(v) for k, v in same.items()}
+    out["all_correct"] = _rate(np.logical_and.reduce([same[k] for k in ATTRIBUTES])) if keep.any() else None
+    out["count"] = int(keep.sum())
+    return out
 
 
 # ----------------------------------------------------------------------------- reports
@@ -420,6 +317,7 @@ def summarize(
     frechet_distance: float | None = None,
     num_real_videos: int | None = None,
     vae_psnr_db: float | None = None,
+    vae_agreement: Mapping[str, Any] | None = None,
     extra: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Assembles the ``eval.json`` dict (module docstring) from computed metrics; JSON-safe."""
@@ -434,6 +332,7 @@ def summarize(
         "frechet_distance": frechet_distance,
         "num_real_videos": num_real_videos,
         "vae_psnr_db": vae_psnr_db,
+        "vae_agreement": vae_agreement,
     }
     for k, v in (extra or {}).items():
         if k in out:
@@ -461,7 +360,7 @@ def evaluate_samples(
       videos: generated ``(N, T, H, W, 3)`` uint8, or floats in [-1, 1].
       prompts: their prompts (strings or triples).
       real_videos: reference clips (e.g. the validation split) for the Fréchet distance.
-      vae, vae_params: a VAE for ``reconstruction_psnr`` (skipped when None).
+      vae, vae_params: a VAE for ``vae_psnr_db`` and ``vae_agreement`` (skipped when None).
       vae_videos: clips to reconstruct (default ``real_videos``).
       psnr_batch_size: batch size of the VAE round trip.
       feature_seed: seed of ``clip_features``' random projection.
@@ -473,18 +372,21 @@ def evaluate_samples(
     if real_videos is not None and len(real_videos):
         fd = frechet_distance(clip_features(videos, a, seed=feature_seed, config=config),
                               clip_features(real_videos, seed=feature_seed, config=config))
-    vae_psnr = None
+    vae_psnr = agreement = None
     if vae is not None:
-        recon = vae_videos if vae_videos is not None else real_videos
-        if recon is None:
+        clips = vae_videos if vae_videos is not None else real_videos
+        if clips is None:
             raise ValueError("reconstruction PSNR needs vae_videos or real_videos")
-        vae_psnr = reconstruction_psnr(vae, vae_params, recon, batch_size=psnr_batch_size)
+        recon, mse = vae_roundtrip(vae, vae_params, clips, batch_size=psnr_batch_size)
+        vae_psnr = float(_db(mse, 100.0).mean())
+        agreement = attribute_agreement(recon, clips, config=config)
     return summarize(
         caption_adherence(a, prompts, config=config),
         temporal_consistency=temporal_consistency(a),
         frechet_distance=fd,
         num_real_videos=None if real_videos is None else len(real_videos),
         vae_psnr_db=vae_psnr,
+        vae_agreement=agreement,
         extra=extra,
     )
 
@@ -523,4 +425,9 @@ def format_table(results: Mapping[str, Any]) -> str:
         f" | Fréchet distance {num(results.get('frechet_distance'), '{:.2f}')}"
         f" | VAE PSNR {num(results.get('vae_psnr_db'), '{:.2f}')} dB"
     )
+    agree = results.get("vae_agreement")
+    if agree and agree.get("count"):
+        lines.append("VAE reconstructions keep color/shape/direction in "
+                     + "/".join(num(agree.get(k), "{:.0%}") for k in ("color", "shape", "direction"))
+                     + f" of {agree['count']} validation clips")
     return "\n".join(lines)
