@@ -277,6 +277,20 @@ def test_reconstruction_psnr_causal_vae():
     assert np.isfinite(db) and 0 < db < 100
 
 
+def test_shape_measures_tell_drawn_alike_from_misread():
+    v, p = ms.render_clips("validation", np.arange(60))
+    m = ev.shape_measures(v, p["shape"])
+    assert set(m) == set(ms.SHAPES) and sum(g["count"] for g in m.values()) == 60
+    assert abs(m["circle"]["corner"]) < 0.1 and abs(m["square"]["corner"] - an.SQUARE_CORNER) < 0.1
+    assert m["triangle"]["skew"] < an.AnalyzerConfig().skew_bound
+    # Circles and squares asked for each other: the measures follow what was drawn.
+    swap = {"circle": "square", "square": "circle", "triangle": "triangle"}
+    swapped = ev.shape_measures(v, [swap[ms.SHAPES[s]] for s in p["shape"]])
+    assert swapped["square"]["corner"] == m["circle"]["corner"] and swapped["circle"]["corner"] == m["square"]["corner"]
+    with pytest.raises(ValueError, match="got 60 videos but 59 shapes"):
+        ev.shape_measures(v, p["shape"][:59])
+
+
 def test_vae_roundtrip_returns_reconstructions():
     v, _ = ms.render_clips("validation", np.arange(3), frames=5, resolution=16)
     rec, mse = ev.vae_roundtrip(ToyVAE(), {}, v, batch_size=2)
@@ -361,7 +375,9 @@ def test_evaluate_samples_schema(tmp_path):
     res = ev.evaluate_samples(gen, prompts, real_videos=real, vae=ToyVAE(), vae_params={}, extra={"step": 7})
     assert set(res) == {"schema_version", "num_videos", "train", "heldout", "overall", "confusion",
                         "temporal_consistency", "frechet_distance", "num_real_videos", "vae_psnr_db", "vae_agreement",
-                        "step"}
+                        "shape_measures", "step"}
+    assert set(res["shape_measures"]) == {"generated", "real", "vae"}
+    assert res["shape_measures"]["vae"] == res["shape_measures"]["real"]  # the identity VAE
     assert res["num_videos"] == 16 and res["num_real_videos"] == 32 and res["vae_psnr_db"] == 100.0
     assert res["vae_agreement"] == {"color": 1.0, "shape": 1.0, "direction": 1.0, "all_correct": 1.0, "count": 32}
     assert res["heldout"]["all_correct"] == 15 / 16 and res["train"]["all_correct"] is None
@@ -384,6 +400,7 @@ def test_evaluate_samples_schema(tmp_path):
     table = ev.format_table(res)
     assert "heldout" in table and "0.938" in table and "100.00 dB" in table
     assert "VAE reconstructions keep color/shape/direction in 100%/100%/100% of 32 validation clips" in table
+    assert "median corner (square above 0.3): generated " in table and " | real circle " in table
     color0 = ms.COLORS[p["color"][0]]
     assert f"most misread: {color0}->unread 1, {asked0}->unread 1, " in table
     bare = ev.evaluate_samples(gen, prompts)

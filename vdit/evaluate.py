@@ -32,6 +32,9 @@ networks), so scores are reproducible anywhere::
   in a VAE reconstruction as in its input (``attribute_agreement``), ``{"color",
   "shape", "direction", "all_correct", "count"}``; ``null`` without a VAE. What the
   DiT can at best reach through this decoder.
+* ``shape_measures``: ``shape_measures`` of the generated videos by the shape asked
+  (``generated``), of the real clips and of the VAE's reconstructions by the shape
+  the analyzer reads in the real clip (``real``, ``vae``; absent without them).
 * any ``extra`` keys the caller adds (step, config name, sampler ...).
 """
 
@@ -142,6 +145,32 @@ def caption_adherence(
         }
     return {"num_videos": len(a), "train": group(~is_held), "heldout": group(is_held),
             "overall": group(np.ones(len(a), bool)), "confusion": confusion}
+
+
+def shape_measures(videos: np.ndarray | Analysis, shapes: Sequence[str | int],
+                   *, config: AnalyzerConfig | None = None) -> dict[str, dict[str, Any]]:
+    """Medians of the analyzer's shape measures per shape, over the videos it reads.
+
+    ``shapes`` is the shape each video should show (asked for, or the truth). Where the
+    confusion matrix says *that* squares are read as circles, this says *how*: a square
+    drawn round has a ``corner`` between a circle's 0 and a square's 0.6 (module
+    docstring of ``vdit.analyzer``); circles and squares with the same medians were
+    drawn alike, whatever the prompt.
+
+    Returns:
+      ``{shape: {"count", "fill_ratio", "skew", "corner"}}`` for each shape present.
+    """
+    a = _analysis(videos, config)
+    idx = np.array([SHAPES.index(s) if isinstance(s, str) else int(s) for s in shapes], np.int64)
+    if len(idx) != len(a):
+        raise ValueError(f"got {len(a)} videos but {len(idx)} shapes")
+    out = {}
+    for k, name in enumerate(SHAPES):
+        sel = (idx == k) & (a.status == "ok")
+        if (idx == k).any():
+            out[name] = {"count": int(sel.sum()), **{m: float(np.median(getattr(a, m)[sel])) if sel.any() else None
+                                                     for m in ("fill_ratio", "skew", "corner")}}
+    return out
 
 
 # ----------------------------------------------------------------------------- temporal consistency
@@ -318,6 +347,7 @@ def summarize(
     num_real_videos: int | None = None,
     vae_psnr_db: float | None = None,
     vae_agreement: Mapping[str, Any] | None = None,
+    shape_measures: Mapping[str, Any] | None = None,
     extra: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Assembles the ``eval.json`` dict (module docstring) from computed metrics; JSON-safe."""
@@ -333,6 +363,7 @@ def summarize(
         "num_real_videos": num_real_videos,
         "vae_psnr_db": vae_psnr_db,
         "vae_agreement": vae_agreement,
+        "shape_measures": shape_measures,
     }
     for k, v in (extra or {}).items():
         if k in out:
@@ -368,10 +399,13 @@ def evaluate_samples(
       extra: keys to add (step, config name ...).
     """
     a = analyze_videos(videos, config)
+    measures = {"generated": shape_measures(a, [parse_prompt(p)[1] for p in prompts], config=config)}
     fd = None
     if real_videos is not None and len(real_videos):
+        ra = analyze_videos(real_videos, config)
+        measures["real"] = shape_measures(ra, ra.shape, config=config)
         fd = frechet_distance(clip_features(videos, a, seed=feature_seed, config=config),
-                              clip_features(real_videos, seed=feature_seed, config=config))
+                              clip_features(real_videos, ra, seed=feature_seed, config=config))
     vae_psnr = agreement = None
     if vae is not None:
         clips = vae_videos if vae_videos is not None else real_videos
@@ -379,7 +413,9 @@ def evaluate_samples(
             raise ValueError("reconstruction PSNR needs vae_videos or real_videos")
         recon, mse = vae_roundtrip(vae, vae_params, clips, batch_size=psnr_batch_size)
         vae_psnr = float(_db(mse, 100.0).mean())
-        agreement = attribute_agreement(recon, clips, config=config)
+        ra, ca = analyze_videos(recon, config), analyze_videos(clips, config)
+        agreement = attribute_agreement(ra, ca, config=config)
+        measures["vae"] = shape_measures(ra, ca.shape, config=config)
     return summarize(
         caption_adherence(a, prompts, config=config),
         temporal_consistency=temporal_consistency(a),
@@ -387,6 +423,7 @@ def evaluate_samples(
         num_real_videos=None if real_videos is None else len(real_videos),
         vae_psnr_db=vae_psnr,
         vae_agreement=agreement,
+        shape_measures=measures,
         extra=extra,
     )
 
@@ -430,4 +467,10 @@ def format_table(results: Mapping[str, Any]) -> str:
         lines.append("VAE reconstructions keep color/shape/direction in "
                      + "/".join(num(agree.get(k), "{:.0%}") for k in ("color", "shape", "direction"))
                      + f" of {agree['count']} validation clips")
+    corners = [(src, {s: m["corner"] for s, m in (results.get("shape_measures") or {}).get(src, {}).items()
+                      if s in ("circle", "square")}) for src in ("generated", "vae", "real")]
+    corners = [(src, c) for src, c in corners if c]
+    if corners:
+        lines.append(f"median corner (square above {AnalyzerConfig().corner_bound:g}): " + " | ".join(
+            f"{src} " + ", ".join(f"{s} {num(v, '{:.2f}')}" for s, v in c.items()) for src, c in corners))
     return "\n".join(lines)
