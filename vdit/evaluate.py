@@ -30,8 +30,8 @@ networks), so scores are reproducible anywhere::
 * ``vae_psnr_db``: mean per-clip PSNR of VAE reconstructions, dB (``null`` without a VAE).
 * ``vae_agreement``: how often the analyzer reads the same color, shape and direction
   in a VAE reconstruction as in its input (``attribute_agreement``), ``{"color",
-  "shape", "direction", "all_correct", "count"}``; ``null`` without a VAE. What the
-  DiT can at best reach through this decoder.
+  "shape", "direction", "all_correct", "count"}``; ``null`` without a VAE. Roughly
+  the best a DiT trained on this VAE's latents can score.
 * ``shape_measures``: ``shape_measures`` of the generated videos by the shape asked
   (``generated``), of the real clips and of the VAE's reconstructions by the shape
   the analyzer reads in the real clip (``real``, ``vae``; absent without them).
