@@ -143,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--data_dir", help="where to build the dataset (default WORKDIR/data)")
     demo.add_argument("--no_progress", action="store_true", help="no progress bars")
     demo.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                      help="overrides of the shapes_cpu config, e.g. train.steps=2000")
+                      help="overrides of the shapes_cpu config, e.g. train.steps=1000 (faster, rougher)")
     demo.set_defaults(func=_cmd_demo)
 
     evaluate = sub.add_parser("eval", help="evaluate a demo workdir's samples", description=_cmd_eval.__doc__)

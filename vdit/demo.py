@@ -70,7 +70,7 @@ def run_demo(workdir: str | pathlib.Path, *, quick: bool = False, data_dir: str 
              overrides: list[str] | tuple[str, ...] = (), progress: bool = True) -> dict:
     """Runs the whole demo in ``workdir``; returns the evaluation results (also in ``W/eval.json``).
 
-    ``overrides`` (``"train.steps=2000"``, ...) apply on top of ``shapes_cpu`` (and ``quick``)
+    ``overrides`` (``"train.steps=1000"``, ...) apply on top of ``shapes_cpu`` (and ``quick``)
     or of a copy of ``config``, which is left unchanged.
     """
     import jax
