@@ -413,9 +413,9 @@ def evaluate_samples(
             raise ValueError("reconstruction PSNR needs vae_videos or real_videos")
         recon, mse = vae_roundtrip(vae, vae_params, clips, batch_size=psnr_batch_size)
         vae_psnr = float(_db(mse, 100.0).mean())
-        ra, ca = analyze_videos(recon, config), analyze_videos(clips, config)
-        agreement = attribute_agreement(ra, ca, config=config)
-        measures["vae"] = shape_measures(ra, ca.shape, config=config)
+        recon_a, clips_a = analyze_videos(recon, config), analyze_videos(clips, config)
+        agreement = attribute_agreement(recon_a, clips_a, config=config)
+        measures["vae"] = shape_measures(recon_a, clips_a.shape, config=config)
     return summarize(
         caption_adherence(a, prompts, config=config),
         temporal_consistency=temporal_consistency(a),
