@@ -139,3 +139,77 @@ def test_skip_nonfinite_updates_leave_params_unchanged():
         np.testing.assert_array_equal(a, b)
     with pytest.raises(ValueError, match="unknown on_nonfinite 'ignore'"):
         T.make_optimizer(config.optim, 10, "ignore")
+
+
+def _vae_steps(config, models, compiler_options, steps=2):
+    mesh = make_mesh({"data": 1}, jax.devices()[:1])
+    rules = rules_from_config(config.sharding_rules)
+    tx = T.make_optimizer(config.vae_optim, 10)
+    state, shardings = T.init_state(T.init_vae_params(models), tx, jax.random.PRNGKey(0), mesh, rules, ema=False)
+    loss = functools.partial(T.vae_loss, vae=models.vae, kl_weight=1e-6)
+    step = T.jit_train_step(T.make_train_step(loss, tx, T.learning_rate(config.vae_optim, 10), ema_decay=0.0),
+                            mesh, rules, shardings, {"video": 5},
+                            compiler_options=T.xla_options(mesh, compiler_options))
+    video = np.random.default_rng(0).integers(0, 255, (2, 5, 16, 16, 3)).astype(np.uint8)
+    for _ in range(steps):
+        state, metrics = step(state, {"video": video})
+    return jax.device_get(state.params), float(metrics["loss"])
+
+
+VAE_CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE"}
+
+
+def test_vae_cpu_compile_options_keep_the_numbers():
+    # The default VAE options move convolutions from YNNPACK to XLA's own kernels: same math.
+    config, models = _setup()
+    assert config.vae_train.xla_cpu_options.to_dict() == VAE_CPU_OPTIONS
+    params, loss = _vae_steps(config, models, config.vae_train.xla_cpu_options)
+    ref_params, ref_loss = _vae_steps(config, models, None)
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params)):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+class _Lowered:
+    """Stands in for ``jax.stages.Lowered``: records compile options, rejects some by name."""
+
+    def __init__(self, rejects=(), error=None):
+        self.rejects, self.error, self.calls = set(rejects), error, []
+
+    def compile(self, compiler_options=None):
+        self.calls.append(dict(compiler_options or {}))
+        if self.error is not None:
+            raise self.error
+        for name in (compiler_options or {}):
+            if name in self.rejects:
+                raise RuntimeError(f"INVALID_ARGUMENT: No such compile option: '{name}'")
+        return "compiled"
+
+
+def test_compile_drops_options_this_jaxlib_rejects_with_a_warning():
+    lowered = jax.jit(lambda x: x + 1).lower(np.ones(3, np.float32))
+    with pytest.warns(RuntimeWarning, match="xla_cpu_no_such_option"):
+        compiled = T.compile_with_options(lowered, {"xla_cpu_no_such_option": "1", **VAE_CPU_OPTIONS})
+    np.testing.assert_array_equal(compiled(np.ones(3, np.float32)), 2.0)
+    lowered = _Lowered(rejects={"xla_cpu_gone"})
+    with pytest.warns(RuntimeWarning, match="xla_cpu_gone"):
+        assert T.compile_with_options(lowered, {"xla_cpu_gone": "1", "xla_cpu_kept": "2"}) == "compiled"
+    assert lowered.calls == [{"xla_cpu_gone": "1", "xla_cpu_kept": "2"}, {"xla_cpu_kept": "2"}]
+    other = _Lowered(error=RuntimeError("RESOURCE_EXHAUSTED: out of memory"))
+    with pytest.raises(RuntimeError, match="RESOURCE_EXHAUSTED"):
+        T.compile_with_options(other, {"xla_cpu_kept": "2"})
+
+
+def test_xla_cpu_options_apply_only_to_cpu_meshes():
+    class Device:
+        def __init__(self, platform):
+            self.platform = platform
+
+    class Mesh:
+        def __init__(self, platform):
+            self.devices = np.array([Device(platform)] * 2)
+
+    assert T.xla_options(Mesh("cpu"), VAE_CPU_OPTIONS) == VAE_CPU_OPTIONS
+    assert T.xla_options(Mesh("tpu"), VAE_CPU_OPTIONS) == {}
+    assert T.xla_options(Mesh("gpu"), VAE_CPU_OPTIONS) == {}
+    assert T.xla_options(Mesh("cpu"), None) == {}

@@ -151,7 +151,8 @@ def build_run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, ph
     step = T.make_train_step(loss_fn, tx, lr_fn, ema_decay=train_cfg.get("ema_decay", 0.0),
                              grad_accum=optim.grad_accum)
     batch_spec = {k: 5 if k in ("video", "latents") else 2 for k in batch_keys}
-    step_fn = T.jit_train_step(step, mesh, rules, shardings, batch_spec, frozen_shardings)
+    step_fn = T.jit_train_step(step, mesh, rules, shardings, batch_spec, frozen_shardings,
+                               compiler_options=T.xla_options(mesh, train_cfg.get("xla_cpu_options")))
     return Run(config, phase, models, mesh, rules, state, shardings, step_fn, frozen, loader, iterator, loss_fn,
                global_batch, batch_keys, eval_frozen)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import time
+import warnings
 from typing import Any, Callable
 
 import flax
@@ -200,12 +201,41 @@ def make_train_step(loss_fn: Callable, tx, lr_fn: optax.Schedule, *, ema_decay: 
     return step
 
 
-def jit_train_step(step_fn, mesh, rules, state_shardings, batch_spec: dict, frozen_shardings=None):
+def xla_options(mesh, cpu_options=None) -> dict[str, Any]:
+    """The XLA compile options of a step on ``mesh``: ``cpu_options`` when its devices are CPUs, else none.
+
+    ``cpu_options`` names ``DebugOptions`` fields (e.g. ``xla_cpu_experimental_ynn_fusion_type``),
+    a mapping or a ``ConfigDict``; values are strings, numbers or booleans.
+    """
+    if not cpu_options or {d.platform for d in mesh.devices.flat} != {"cpu"}:
+        return {}
+    return dict(cpu_options.to_dict() if isinstance(cpu_options, ml_collections.ConfigDict) else cpu_options)
+
+
+def compile_with_options(lowered, options: dict[str, Any] | None):
+    """``lowered.compile(compiler_options=options)``; options this jaxlib does not know are
+    dropped with a warning (they are tuning, never semantics), so a newer jax still runs."""
+    if not options:
+        return lowered.compile()
+    try:
+        return lowered.compile(compiler_options=options)
+    except Exception as e:  # jax raises JaxRuntimeError (INVALID_ARGUMENT) naming the option
+        unknown = [k for k in options if k in str(e)]
+        if not unknown:
+            raise
+        warnings.warn(f"XLA compile options {unknown} were rejected by this jaxlib ({str(e).splitlines()[0]}); "
+                      f"compiling without them", RuntimeWarning, stacklevel=2)
+        return compile_with_options(lowered, {k: v for k, v in options.items() if k not in unknown})
+
+
+def jit_train_step(step_fn, mesh, rules, state_shardings, batch_spec: dict, frozen_shardings=None,
+                   compiler_options: dict[str, Any] | None = None):
     """jits a train step once with explicit in/out shardings and the state donated.
 
     ``batch_spec`` maps batch keys to their ranks; every batch array is split over
     ``data x fsdp`` on its leading axis. The returned callable traces (once) and runs
     inside ``activation_sharding`` so the models' activation constraints apply.
+    ``compiler_options`` go to XLA with the compile (see ``xla_options``).
     """
     batch_shardings = {k: batch_sharding(mesh, ndim) for k, ndim in batch_spec.items()}
     jitted = jax.jit(
@@ -221,7 +251,7 @@ def jit_train_step(step_fn, mesh, rules, state_shardings, batch_spec: dict, froz
         with activation_sharding(mesh, rules):
             if "step" not in compiled:  # compile ahead of the first call, and time it
                 start = time.perf_counter()
-                compiled["step"] = jitted.lower(state, batch, frozen).compile()
+                compiled["step"] = compile_with_options(jitted.lower(state, batch, frozen), compiler_options)
                 run.compile_seconds = time.perf_counter() - start
             return compiled["step"](state, batch, frozen)
 
