@@ -59,7 +59,9 @@ def base_config() -> ml_collections.ConfigDict:
         lr=1e-3, warmup_steps=100, decay="cosine", end_lr_factor=0.1, b1=0.9, b2=0.99, weight_decay=0.0,
         clip_norm=1.0, grad_accum=1,
     ))
-    # frames: clip length the VAE trains on (random crops; 0 = the data's); sample_posterior:
+    # frames: clip length the VAE trains on (random crops; 0 = the data's); crop: frame size it
+    # trains on (random square windows, a multiple of the spatial factor; 0 = whole frames). The
+    # VAE is convolutional, so it encodes and decodes whole frames all the same. sample_posterior:
     # decode a posterior sample (True) or its mean (False, a plain autoencoder with KL).
     # xla_cpu_options: XLA compile options of the step on CPU devices (ignored on GPU/TPU).
     # By default XLA:CPU hands convolutions to YNNPACK, whose weight gradients of the VAE's
@@ -67,7 +69,7 @@ def base_config() -> ml_collections.ConfigDict:
     # makes the shapes_cpu VAE step ~25% faster (README, Results). Set the value to ""
     # for XLA's own kernels throughout.
     c.vae_train = ml_collections.ConfigDict(dict(
-        steps=1000, batch_size=0, frames=0, kl_weight=1e-6, recon="l1", sample_posterior=True, log_every=50,
+        steps=1000, batch_size=0, frames=0, crop=0, kl_weight=1e-6, recon="l1", sample_posterior=True, log_every=50,
         checkpoint_every=500, keep_checkpoints=3, on_nonfinite="abort",
         xla_cpu_options=ml_collections.ConfigDict(dict(xla_cpu_experimental_ynn_fusion_type="LIBRARY_FUSION_TYPE_REDUCE")),
     ))

@@ -73,6 +73,28 @@ def test_images_are_random_single_frames(train):
         make_loader(train, batch_size=2, frames=9)
 
 
+def test_crops_are_random_windows_on_the_grid(train):
+    # Every pixel of these clips is unique, so a window tells where it was cut.
+    pixels = np.arange(16 * 16, dtype=np.uint8).reshape(16, 16)
+    source = [{"video": np.stack([np.stack([pixels + t] * 3, -1) for t in range(5)]), "caption": "c", "id": i}
+              for i in range(8)]
+    batch = next(iter(make_loader(source, batch_size=8, seed=0, crop=8, crop_multiple=4, shuffle=False)))
+    assert batch["video"].shape == (8, 5, 8, 8, 3)
+    corners = {(int(v[0, 0, 0, 0]) // 16, int(v[0, 0, 0, 0]) % 16) for v in batch["video"]}
+    for v in batch["video"]:
+        y, x = int(v[0, 0, 0, 0]) // 16, int(v[0, 0, 0, 0]) % 16
+        np.testing.assert_array_equal(v, source[0]["video"][:, y : y + 8, x : x + 8])  # one window, all frames
+    assert all(y % 4 == 0 and x % 4 == 0 for y, x in corners), corners
+    assert len(corners) > 1  # not always the same window
+    again = next(iter(make_loader(source, batch_size=8, seed=0, crop=8, crop_multiple=4, shuffle=False)))
+    np.testing.assert_array_equal(again["video"], batch["video"])  # seeded
+    assert next(iter(make_loader(train, batch_size=2, crop=(16, 8), shuffle=False)))["video"].shape == (2, 5, 16, 8, 3)
+    with pytest.raises(ValueError, match="asked for 32x32 crops but .* stores 16x16 frames"):
+        make_loader(train, batch_size=2, crop=32)
+    with pytest.raises(ValueError, match="crop 6x6 must be a multiple of crop_multiple=4"):
+        make_loader(train, batch_size=2, crop=6, crop_multiple=4)
+
+
 def test_epochs_and_shuffling():
     src = fake_source(24)
     ids = ids_of(make_loader(src, batch_size=4, seed=3, num_epochs=2, shard_index=0, shard_count=1))

@@ -158,3 +158,18 @@ def test_cached_latents_train_like_online_encoding(data, vae_workdir, tmp_path):
               progress=False)
     with pytest.raises(ValueError, match="train.latents='disk'"):
         train(tiny(data, "train.latents=disk"), _with_vae(vae_workdir, tmp_path / "bad"), "dit", progress=False)
+
+
+def test_vae_trains_on_random_crops(data, tmp_path):
+    # 8x8 windows of the 16x16 clips; the trained VAE still encodes and decodes whole frames.
+    summary = train(tiny(data, "vae_train.crop=8", "vae_train.steps=2", "vae_train.checkpoint_every=2"),
+                    tmp_path / "crop", "vae", progress=False)
+    assert summary["status"] == "done" and summary["step"] == 2
+    from vdit.loop import build_run
+
+    run = build_run(tiny(data, "vae_train.crop=8"), tmp_path / "crop", "vae", progress=False)
+    assert next(run.iterator)["video"].shape[1:] == (5, 8, 8, 3)
+    with pytest.raises(ValueError, match=r"vae_train.crop=6: expected 0 \(whole frames\) or a positive multiple of "
+                                         r"the VAE's spatial factor 4"):
+        train(tiny(data, "vae_train.crop=6"), tmp_path / "bad", "vae", progress=False)
+    assert not (tmp_path / "bad" / "vae").exists() or not any((tmp_path / "bad" / "vae").iterdir())

@@ -105,11 +105,17 @@ def build_run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, ph
     key = jax.random.PRNGKey(config.seed)
     frozen = None
     frames = config.data.frames
+    crop = None
     if phase == "vae":
         init = T.init_vae_params(models)
         loss_fn = functools.partial(T.vae_loss, vae=models.vae, kl_weight=train_cfg.kl_weight, recon=train_cfg.recon,
                                     sample_posterior=train_cfg.get("sample_posterior", True))
         frames = train_cfg.get("frames") or frames  # random crops: cheaper steps, same per-frame network
+        crop = int(train_cfg.get("crop") or 0) or None  # random windows of the frames, likewise
+        sf = models.vae.spatial_factor
+        if crop is not None and (crop < 0 or crop % sf):
+            raise ValueError(f"vae_train.crop={crop}: expected 0 (whole frames) or a positive multiple of the "
+                             f"VAE's spatial factor {sf}")
         ema = False
     else:
         init = T.init_dit_params(models)
@@ -143,7 +149,7 @@ def build_run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, ph
     frozen_shardings = None if frozen is None else jax.tree.map(lambda a: a.sharding, frozen)
     loader = make_loader(
         dataset, batch_size=global_batch // jax.process_count(), seed=config.data.shuffle_seed,
-        frames=frames,
+        frames=frames, crop=crop, crop_multiple=models.vae.spatial_factor,
         tokenizer=models.text.tokenizer, max_text_length=models.text.max_length,
         worker_count=config.data.worker_count,
     )

@@ -197,12 +197,15 @@ class ToExample(grain.RandomMapTransform):
     number of integer labels; strings other than the caption are dropped.
     """
 
-    def __init__(self, tokenizer: Any, frames: int | None):
+    def __init__(self, tokenizer: Any, frames: int | None, crop: tuple[int, int] | None = None,
+                 crop_multiple: int = 1):
         self.tokenizer = tokenizer
         self.frames = frames
+        self.crop = crop
+        self.crop_multiple = crop_multiple
 
     def random_map(self, record: dict, rng: np.random.Generator) -> dict:
-        """Maps one record; ``rng`` is Grain's per-record generator (picks the frame window)."""
+        """Maps one record; ``rng`` is Grain's per-record generator (picks the frame and crop windows)."""
         if "latents" in record:  # a vdit.latents.LatentCache record: encoded and tokenized already
             return {k: np.asarray(v) for k, v in record.items()}
         video = np.asarray(record[VIDEO_KEY])
@@ -212,6 +215,8 @@ class ToExample(grain.RandomMapTransform):
             video = video[start : start + self.frames]
         elif self.frames is not None and self.frames > t:
             raise ValueError(f"asked for {self.frames} frames but the dataset's clips have {t}")
+        if self.crop is not None:
+            video = self._crop(video, rng)
         ids, mask = self.tokenizer.tokenize_one(decode_text(record[CAPTION_KEY]))
         out = {VIDEO_KEY: np.ascontiguousarray(video, np.uint8), "text_ids": ids, "text_mask": mask}
         for k, v in record.items():
@@ -221,6 +226,17 @@ class ToExample(grain.RandomMapTransform):
             if v.dtype.kind in "biu":  # labels; strings and other payload are not batched
                 out[k] = v.astype(np.int32)
         return out
+
+    def _crop(self, video: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        (ch, cw), m = self.crop, self.crop_multiple
+        h, w = video.shape[1:3]
+        if ch > h or cw > w:
+            raise ValueError(f"asked for {ch}x{cw} crops but the dataset's frames are {h}x{w}")
+        # Corners on a grid of m pixels: a VAE that downsamples m times sees its stored frames'
+        # latent grid, not a shifted one.
+        y = m * int(rng.integers(0, (h - ch) // m + 1))
+        x = m * int(rng.integers(0, (w - cw) // m + 1))
+        return video[:, y : y + ch, x : x + cw]
 
 
 class _NamedSource:
@@ -248,6 +264,8 @@ def make_loader(
     shuffle: bool = True,
     num_epochs: int | None = None,
     frames: int | None = None,
+    crop: int | tuple[int, int] | None = None,
+    crop_multiple: int = 1,
     tokenizer: Any = None,
     max_text_length: int = 64,
     worker_count: int = 0,
@@ -267,6 +285,9 @@ def make_loader(
       frames: clip length served: ``None`` = as stored, ``1`` = images (a random frame;
         the causal VAE treats an image as a 1-frame video), otherwise a random window
         of ``1 + 4k`` consecutive frames.
+      crop: frame size served, ``(H, W)`` or an int for squares: a random window of every
+        clip (the same for all its frames); ``None`` = whole frames.
+      crop_multiple: the window's corner lies on a grid of this many pixels.
       tokenizer: has ``tokenize_one(str) -> (ids, mask)``; default
         ``vdit.text.ByteTokenizer(max_text_length)``. Must be picklable for workers.
       max_text_length: tokens per caption for the default tokenizer.
@@ -282,6 +303,10 @@ def make_loader(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if frames is not None:
         check_frames(frames)
+    if crop is not None:
+        crop = as_hw(crop)
+        if crop_multiple < 1 or crop[0] % crop_multiple or crop[1] % crop_multiple:
+            raise ValueError(f"crop {crop[0]}x{crop[1]} must be a multiple of crop_multiple={crop_multiple}")
     if tokenizer is None:
         from vdit.text import ByteTokenizer
 
@@ -290,6 +315,9 @@ def make_loader(
         source = _NamedSource(dataset.source, f"{dataset.name}[{dataset.split}]")
         if frames is not None and frames > dataset.frames:
             raise ValueError(f"asked for {frames} frames but {dataset.name} stores {dataset.frames}")
+        if crop is not None and (crop[0] > dataset.resolution[0] or crop[1] > dataset.resolution[1]):
+            raise ValueError(f"asked for {crop[0]}x{crop[1]} crops but {dataset.name} stores "
+                             f"{dataset.resolution[0]}x{dataset.resolution[1]} frames")
     else:
         source = _NamedSource(dataset, type(dataset).__name__)
     if (shard_index is None) != (shard_count is None):
@@ -314,7 +342,7 @@ def make_loader(
     return grain.DataLoader(
         data_source=source,
         sampler=_GlobalBatchOrder(sampler, batch_size, shard_options.shard_count),
-        operations=[ToExample(tokenizer, frames), grain.Batch(batch_size, drop_remainder=True)],
+        operations=[ToExample(tokenizer, frames, crop, crop_multiple), grain.Batch(batch_size, drop_remainder=True)],
         worker_count=worker_count,
         worker_buffer_size=worker_buffer_size,
         shard_options=shard_options,
