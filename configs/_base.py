@@ -66,7 +66,7 @@ def base_config() -> ml_collections.ConfigDict:
     # autoencoder with KL).
     # xla_cpu_options: XLA compile options of the step on CPU devices (ignored on GPU/TPU).
     # By default XLA:CPU hands convolutions to YNNPACK, whose weight gradients of the VAE's
-    # narrow convs are 2-4x slower than XLA's own kernels; keeping YNNPACK for reductions only
+    # narrow convs are slower than XLA's own kernels; keeping YNNPACK for reductions only
     # runs the shapes_cpu VAE at 1.28x the steps per second (README, Results). Set the value
     # to "" for XLA's own kernels throughout.
     cpu_convs_off_ynnpack = dict(xla_cpu_experimental_ynn_fusion_type="LIBRARY_FUSION_TYPE_REDUCE")
