@@ -21,6 +21,10 @@ def base_config() -> ml_collections.ConfigDict:
     """The shared skeleton with CPU-friendly defaults."""
     c = ml_collections.ConfigDict()
     c.seed = 0
+    # cpu_devices: XLA devices to split a CPU host into when vdit starts JAX (0: JAX's default,
+    # one device driving every core); the ``data`` axis then spreads the batch over them.
+    # Ignored where JAX_NUM_CPU_DEVICES is set and on a JAX that already started.
+    c.cpu_devices = 0
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, context=1, tensor=1))
     c.sharding_rules = ml_collections.ConfigDict(dict(DEFAULT_RULES))
 

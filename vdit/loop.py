@@ -28,7 +28,7 @@ from vdit.checkpoint import Checkpointer, PreemptionGuard
 from vdit.data.pipeline import make_loader, open_dataset, to_global
 from vdit.metrics import MetricsWriter
 from vdit.models import Models, build_models
-from vdit.sharding import make_mesh, rules_from_config
+from vdit.sharding import make_mesh, request_cpu_devices, rules_from_config
 
 log = logging.getLogger("vdit")
 PHASES = ("vae", "dit")
@@ -90,6 +90,8 @@ def build_run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, ph
     the bars of the one-off latent statistics and latent cache passes."""
     optim, train_cfg = phase_sections(config, phase)
     models = build_models(config)
+    if mesh is None and devices is None:
+        request_cpu_devices(int(config.get("cpu_devices", 0)))
     mesh = mesh or make_mesh(dict(config.mesh), devices)
     rules = rules_from_config(config.sharding_rules)
     global_batch = int(config.data.batch_size)

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
+import warnings
 from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
@@ -76,6 +78,23 @@ def resolve_mesh_shape(shape: Mapping[str, int] | Sequence[int], num_devices: in
 
 def _fmt(dims) -> str:
     return " x ".join(f"{a}={d}" for a, d in zip(MESH_AXES, dims))
+
+
+def request_cpu_devices(count: int) -> None:
+    """Asks XLA:CPU for ``count`` devices, so that a ``data`` mesh axis splits a host's cores.
+
+    Call it before JAX starts its backends. A no-op for ``count <= 0`` and when
+    ``JAX_NUM_CPU_DEVICES`` is set (the user's choice wins). A backend that already runs
+    keeps its devices (XLA cannot add any): this warns and goes on with them.
+    """
+    if count <= 0 or "JAX_NUM_CPU_DEVICES" in os.environ:
+        return
+    try:
+        jax.config.update("jax_num_cpu_devices", int(count))
+    except RuntimeError:
+        warnings.warn(f"cpu_devices={count} not applied: JAX's backends already started with "
+                      f"{len(jax.devices('cpu'))} CPU device(s); set JAX_NUM_CPU_DEVICES={count} before JAX starts",
+                      RuntimeWarning, stacklevel=2)
 
 
 def make_mesh(shape: Mapping[str, int] | Sequence[int], devices: Sequence[jax.Device] | None = None) -> Mesh:
