@@ -8,11 +8,16 @@ def get_config(arg=None):
 
     Sized by measurement on a 2-core CPU (the issue notes hold the sweeps): the VAE
     without residual blocks learns faster per second than deeper ones, trained as a
-    plain L2 autoencoder on whole 17-frame clips; the DiT scans its blocks with full
-    remat, which XLA:CPU runs 3x faster than the unrolled backward pass.
+    plain L2 autoencoder on 16x16 windows of 17-frame clips; the DiT scans its blocks,
+    which XLA:CPU runs 2x faster than the unrolled backward pass (docs/performance.md).
     """
     del arg
     c = base_config()
+    # Two XLA devices, one per core of the 2-core CPU this demo is sized for, each with half
+    # the batch. With remat "dots" below and the vdit command's huge-page malloc, the DiT
+    # trains at 1.23x and the VAE at 1.11x the steps/s of one device, "full" remat and 4 KiB
+    # pages (docs/performance.md).
+    c.cpu_devices = 2
     # The DiT trains on 16 clips a step: half the time of 32 for nearly the same adherence
     # (all three 100% train and 96.9% heldout at 16, 100% and 100% at 32), while 8 lost
     # direction (27%); same VAE and latents (README, Results). The VAE has its own batch.
@@ -23,8 +28,11 @@ def get_config(arg=None):
     # three 44% train, 31% heldout); with words 100% (67%, 59%). Same machine, VAE and
     # DiT; README, Results.
     c.text.update(tokenizer="words", max_length=40, width=128, depth=2, num_heads=4, mlp_ratio=2.0)
+    # remat "dots": each block keeps its matmul outputs for the backward pass rather than
+    # computing the whole block again ("full"): 0.37 s a step against 0.45 s, 130 MiB of
+    # temp buffers against 87 (`vdit bench train --config shapes_cpu --remat full,dots`).
     c.dit.update(in_channels=16, width=192, depth=6, num_heads=6, mlp_dim=768, text_dim=128, freq_dim=128,
-                 scan_layers=True, remat="full")
+                 scan_layers=True, remat="dots")
     # 2,000 DiT steps, not 1,000 (at 32 clips a step): at 1,000 the DiT drew circle and square prompts as one
     # rounded shape (median corner 0.23 vs 0.24; shape 71%); at 2,000 it draws both right
     # (0.00 vs 0.53; every attribute 100%, train and heldout). It doubles the DiT's
