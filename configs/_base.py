@@ -43,7 +43,7 @@ def base_config() -> ml_collections.ConfigDict:
         in_channels=16, patch_size=(1, 2, 2), width=384, depth=6, num_heads=6, mlp_dim=1536, text_dim=256,
         freq_dim=256, qk_norm=True, cross_attn_norm=True, pooled_text=False, attention_impl="xla", remat="none",
         scan_layers=False,
-        dtype="float32",
+        dtype="float32", activation_dtype=None,
     ))
     c.schedule = ml_collections.ConfigDict(dict(
         kind="flow", prediction="velocity", shift=1.0, t_sampling="logit_normal", logit_mean=0.0, logit_std=1.0,

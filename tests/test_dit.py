@@ -102,6 +102,22 @@ def test_bf16_compute_keeps_f32_params_and_is_close():
     assert all(a.dtype == jnp.float32 for a in jax.tree.leaves(params))
 
 
+def test_bf16_matmul_operands_with_f32_activations_are_close_in_outputs_and_grads():
+    x, t, text, mask = _inputs()
+    params = _randomised_params(DiT(**TINY), x, t, text, mask)
+    low_model = DiT(**TINY, dtype=jnp.bfloat16, activation_dtype=jnp.float32)
+
+    def loss(model, p):
+        return jnp.mean(model.apply({"params": p}, x, t, text, mask) ** 2)
+
+    ref, g_ref = jax.value_and_grad(lambda p: loss(DiT(**TINY), p))(params)
+    low, g_low = jax.value_and_grad(lambda p: loss(low_model, p))(params)
+    assert abs(float(low - ref)) < 0.02 * float(ref)
+    for a, b in zip(jax.tree.leaves(g_low), jax.tree.leaves(g_ref)):
+        assert a.dtype == jnp.float32
+        assert float(jnp.linalg.norm(a - b)) < 0.05 * float(jnp.linalg.norm(b)) + 1e-6
+
+
 def test_bad_inputs():
     model = DiT(**TINY)
     x, t, text, mask = _inputs()

@@ -90,11 +90,11 @@ def _xla_attention(q, k, v, mask):
     # (S, D) operands several times faster than einsums that stride over heads.
     scale = 1.0 / math.sqrt(q.shape[-1])
     q, k, v = (jnp.swapaxes(x, 1, 2) for x in (q, k, v))  # (B, H, S, D)
-    s = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+    s = layers.einsum("bhqd,bhkd->bhqk", q, k, q.dtype, jnp.float32) * scale
     if mask is not None:
         s = jnp.where(mask[:, None, None, :], s, _MASK_VALUE)
     p = jax.nn.softmax(s, axis=-1)
-    o = jnp.einsum("bhqk,bhkd->bhqd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    o = layers.einsum("bhqk,bhkd->bhqd", p, v, v.dtype, jnp.float32)
     return jnp.swapaxes(o, 1, 2).astype(q.dtype)
 
 
@@ -109,6 +109,9 @@ class MultiHeadAttention(nn.Module):
       qk_norm: RMSNorm on q and k across all heads (Wan2.1's ``rms_norm_across_heads``).
       eps: epsilon of the q/k norms.
       impl: backend of ``attention``.
+      dtype: dtype of every matmul's operands, attention's included.
+      out_dtype: dtype of the projections' outputs (q/k/v and the layer's output;
+        default ``dtype``), see ``layers.Dense``.
     """
 
     num_heads: int
@@ -117,6 +120,7 @@ class MultiHeadAttention(nn.Module):
     impl: str = "xla"
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    out_dtype: Any = None
 
     @nn.compact
     def __call__(self, x, context=None, mask=None, angles=None):
@@ -127,17 +131,17 @@ class MultiHeadAttention(nn.Module):
         """
         b, s, d = x.shape
         head_dim = d // self.num_heads
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, out_dtype=self.out_dtype)
         src = x if context is None else context
         # One matmul per input (q/k/v of x, or q of x and k/v of the context): fewer,
         # wider GEMMs, and the backward pass sums one input gradient instead of three.
         in_dim = {"q": x.shape[-1], "k": src.shape[-1], "v": src.shape[-1]}
         w = {n: layers.DenseWeights(d, ("embed", "heads"), self.param_dtype, name=n)(in_dim[n]) for n in in_dim}
         if context is None:
-            q, k, v = layers.fused_dense(x, [w["q"], w["k"], w["v"]], self.dtype)
+            q, k, v = layers.fused_dense(x, [w["q"], w["k"], w["v"]], self.dtype, self.out_dtype)
         else:
-            (q,) = layers.fused_dense(x, [w["q"]], self.dtype)
-            k, v = layers.fused_dense(src, [w["k"], w["v"]], self.dtype)
+            (q,) = layers.fused_dense(x, [w["q"]], self.dtype, self.out_dtype)
+            k, v = layers.fused_dense(src, [w["k"], w["v"]], self.dtype, self.out_dtype)
         if self.qk_norm:
             q = layers.RMSNorm(self.eps, axis_name="heads", param_dtype=self.param_dtype, name="q_norm")(q)
             k = layers.RMSNorm(self.eps, axis_name="heads", param_dtype=self.param_dtype, name="k_norm")(k)
@@ -146,6 +150,7 @@ class MultiHeadAttention(nn.Module):
         v = v.reshape(b, src.shape[1], self.num_heads, head_dim)
         if angles is not None:
             q, k = apply_rope(q, angles), apply_rope(k, angles)
+        q, k, v = (t.astype(self.dtype) for t in (q, k, v))
         o = attention(q, k, v, mask, impl=self.impl).reshape(b, s, d)
         return layers.Dense(d, axes=("heads", "embed"), name="out", **kw)(o)
 

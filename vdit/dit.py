@@ -72,12 +72,13 @@ class DiTBlock(nn.Module):
     attention_impl: str = "xla"
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    activation_dtype: Any = None
 
     @nn.compact
     def __call__(self, x, context, context_mask, mod, angles):
         # x (B, S, D) float32 residual stream; mod (B, 6, D) shared timestep modulation.
         d = x.shape[-1]
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, out_dtype=self.activation_dtype)
         attn = functools.partial(MultiHeadAttention, self.num_heads, self.qk_norm, self.eps, self.attention_impl, **kw)
         table = self.param(
             "modulation", layers.partitioned(nn.initializers.zeros_init(), (None, "embed")), (6, d), self.param_dtype
@@ -138,6 +139,9 @@ class DiT(nn.Module):
       scan_layers: scan over blocks (params stacked on a leading ``layers`` axis).
       dtype: compute dtype of matmuls; norms, modulation and the residual stream are f32.
       param_dtype: parameter dtype.
+      activation_dtype: dtype of matmul outputs and of the activations between them
+        (q/k/v, MLP hidden); None = ``dtype``. ``float32`` with a bf16 ``dtype`` keeps
+        only the matmul operands in bf16: on XLA:CPU the fast setting (docs/performance.md).
     """
 
     in_channels: int = 16
@@ -160,6 +164,7 @@ class DiT(nn.Module):
     scan_layers: bool = False
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    activation_dtype: Any = None
 
     def _check_config(self):
         if self.width % self.num_heads:
@@ -186,7 +191,7 @@ class DiT(nn.Module):
             raise ValueError(f"DiT expects text (B={b}, L, text_dim={self.text_dim}), got {tuple(text.shape)}")
         t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (b,))
         d, out_ch = self.width, self.out_channels or self.in_channels
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, out_dtype=self.activation_dtype)
 
         # Patchify as one GEMM: (B, T, H, W, C) -> (B, S, pt*ph*pw*C); equals a stride=kernel Conv3d.
         p = x.reshape(b, gt, pt, gh, ph, gw, pw, c).transpose(0, 1, 3, 5, 2, 4, 6, 7)
@@ -215,7 +220,9 @@ class DiT(nn.Module):
             cross_attn_norm=self.cross_attn_norm,
             eps=self.eps,
             attention_impl=self.attention_impl,
-            **kw,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            activation_dtype=self.activation_dtype,
         )
         if self.scan_layers:
             blocks = nn.scan(

@@ -17,11 +17,14 @@ Logical parameter axes used across vdit:
 ================  ===========================================================
 
 Normalisations always compute in float32 (mixed-precision rule of DESIGN.md) and
-return the input dtype.
+return the input dtype. Matmuls in a 16-bit compute dtype go through ``einsum``, which
+accumulates in float32 on every backend.
 """
 
 from __future__ import annotations
 
+import functools
+import string
 from typing import Any, Callable, Sequence
 
 import jax
@@ -41,6 +44,77 @@ def partitioned(init: Initializer, axes: Sequence[str | None]) -> Initializer:
     return nn.with_logical_partitioning(init, tuple(axes))
 
 
+def einsum(spec: str, a: jax.Array, b: jax.Array, dtype: Dtype, out_dtype: Dtype | None = None) -> jax.Array:
+    """``jnp.einsum(spec, a, b)`` on operands cast to ``dtype``, returning ``out_dtype`` (default ``dtype``).
+
+    In float32 this is the plain einsum. In a 16-bit dtype the products accumulate in
+    float32, forward and backward: the cotangent is rounded to ``dtype`` and both
+    gradient matmuls take 16-bit operands too, as a GPU's bf16 GEMMs do. XLA:CPU runs
+    such matmuls (16-bit in, float32 out) on the CPU's bf16 units (AMX on recent Xeons,
+    3-4x the float32 GEMM rate here), while a matmul with a bf16 result, or with one
+    float32 operand, is widened to a float32 GEMM (docs/performance.md).
+
+    ``spec`` names every axis explicitly (no ``...``) and each operand's axes appear in
+    the other operand or the output, so the gradients are einsums of the same form.
+
+    XLA:CPU has no fallback kernel for a 16-bit matmul that YNNPACK declines; it declines
+    a few operand layouts (e.g. the gradient ``zi,zno->ino``). The contractions vdit's
+    layers emit are swept over sizes in tests/test_layers.py.
+    """
+    dtype = jnp.dtype(dtype)
+    out_dtype = dtype if out_dtype is None else jnp.dtype(out_dtype)
+    a, b = a.astype(dtype), b.astype(dtype)
+    if dtype.itemsize >= 4 or not jnp.issubdtype(dtype, jnp.floating):
+        return jnp.einsum(spec, a, b, preferred_element_type=out_dtype)
+    _check_spec(spec)
+    return _low_precision_einsum(spec, out_dtype, a, b)
+
+
+@functools.lru_cache(maxsize=None)
+def _check_spec(spec: str) -> None:
+    ins, _, out = spec.partition("->")
+    sa, _, sb = ins.partition(",")
+    ok = all(set(x) <= set(string.ascii_letters) and len(set(x)) == len(x) for x in (sa, sb, out))
+    if not (ok and out and set(sa) <= set(sb + out) and set(sb) <= set(sa + out) and set(out) <= set(sa + sb)):
+        raise ValueError(
+            f"einsum spec {spec!r} must be 'A,B->C' with distinct letters per operand, each operand's axes in the "
+            f"other operand or the output (e.g. 'bsi,io->bso')"
+        )
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _low_precision_einsum(spec, out_dtype, a, b):
+    return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32).astype(out_dtype)
+
+
+def _low_precision_einsum_fwd(spec, out_dtype, a, b):
+    return _low_precision_einsum(spec, out_dtype, a, b), (a, b)
+
+
+def _low_precision_einsum_bwd(spec, out_dtype, res, g):
+    a, b = res
+    ins, out = spec.split("->")
+    sa, sb = ins.split(",")
+    g = g.astype(a.dtype)
+    da = jnp.einsum(f"{out},{sb}->{sa}", g, b, preferred_element_type=jnp.float32).astype(a.dtype)
+    db = jnp.einsum(f"{sa},{out}->{sb}", a, g, preferred_element_type=jnp.float32).astype(b.dtype)
+    return da, db
+
+
+_low_precision_einsum.defvjp(_low_precision_einsum_fwd, _low_precision_einsum_bwd)
+
+
+def _batch_letters(n: int) -> str:
+    return string.ascii_letters[26 - n : 26] if n else ""  # ..., x, y, z: clear of i, n, o
+
+
+def _dense_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, *, out_dtype=None):
+    # nn.Dense contracts the input's last axis with the kernel's first.
+    del dimension_numbers, precision, preferred_element_type
+    lead = _batch_letters(lhs.ndim - 1)
+    return einsum(f"{lead}i,io->{lead}o", lhs, rhs, lhs.dtype, out_dtype)
+
+
 class Dense(nn.Module):
     """A linear layer ``y = x W + b`` whose kernel has logical axes ``axes``.
 
@@ -49,6 +123,9 @@ class Dense(nn.Module):
       axes: logical names of the kernel's (input, output) axes.
       use_bias: add a bias (named ``axes[1]``).
       kernel_init: initializer of the kernel, e.g. zeros for adaLN-Zero.
+      dtype: dtype of the matmul's operands.
+      out_dtype: dtype of the output and of the bias add (default ``dtype``). A 16-bit
+        ``dtype`` with a float32 ``out_dtype`` keeps only the matmul operands in 16 bits.
     """
 
     features: int
@@ -58,18 +135,22 @@ class Dense(nn.Module):
     bias_init: Initializer = nn.initializers.zeros_init()
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    out_dtype: Dtype | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        return nn.Dense(
+        out_dtype = self.out_dtype or self.dtype
+        y = nn.Dense(
             self.features,
             use_bias=self.use_bias,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
             kernel_init=partitioned(self.kernel_init, self.axes),
             bias_init=partitioned(self.bias_init, (self.axes[1],)),
+            dot_general=functools.partial(_dense_dot_general, out_dtype=out_dtype),
             name="linear",
         )(x)
+        return y.astype(out_dtype)
 
 
 class DenseWeights(nn.Module):
@@ -103,15 +184,26 @@ class _LinearWeights(nn.Module):
         return kernel, bias
 
 
-def fused_dense(x: jax.Array, weights: Sequence[tuple[jax.Array, jax.Array]], dtype: Dtype) -> list[jax.Array]:
+def fused_dense(x: jax.Array, weights: Sequence[tuple[jax.Array, jax.Array]], dtype: Dtype,
+                out_dtype: Dtype | None = None) -> list[jax.Array]:
     """``[x W_i + b_i for each i]`` as one matmul over the kernels stacked on a new axis.
+
+    Operands are cast to ``dtype``; outputs and the bias add are in ``out_dtype``
+    (default ``dtype``), as in ``Dense``.
 
     Stacking (not concatenating) keeps every kernel's own sharding: the new axis is
     never sharded, so no device needs another's slice.
     """
     kernel = jnp.stack([k for k, _ in weights], axis=1).astype(dtype)  # (in, n, out)
-    bias = jnp.stack([b for _, b in weights]).astype(dtype)  # (n, out)
-    y = jnp.einsum("...i,ino->...no", x.astype(dtype), kernel) + bias
+    out_dtype = out_dtype or dtype
+    bias = jnp.stack([b for _, b in weights]).astype(out_dtype)  # (n, out)
+    # XLA:CPU cannot run the kernel gradient of a bf16 (M, K) x (K, n, out) product
+    # (YNNPACK declines its layout and the fallback GEMM has no bf16-in, f32-out
+    # kernel); with a leading axis of 1 it can (tests/test_layers.py sweeps both).
+    x2 = x[None] if x.ndim == 2 else x
+    lead = _batch_letters(x2.ndim - 1)
+    y = einsum(f"{lead}i,ino->{lead}no", x2, kernel, dtype, out_dtype) + bias
+    y = y[0] if x.ndim == 2 else y
     return [y[..., i, :] for i in range(len(weights))]
 
 
@@ -270,11 +362,12 @@ class MLP(nn.Module):
     zero_out: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    out_dtype: Dtype | None = None  # of both layers' outputs, and so of the activation; see Dense
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         out = self.out or x.shape[-1]
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, out_dtype=self.out_dtype)
         h = Dense(self.hidden, axes=(self.in_axes, "mlp"), name="fc1", **kw)(x)
         h = ACTIVATIONS[self.activation](h)
         init = nn.initializers.zeros_init() if self.zero_out else default_kernel_init

@@ -27,8 +27,8 @@ def _dtype(name):
 
 
 def _with_dtypes(kwargs: dict) -> dict:
-    for key in ("dtype", "param_dtype"):
-        if key in kwargs:
+    for key in ("dtype", "param_dtype", "activation_dtype"):
+        if kwargs.get(key) is not None:
             kwargs[key] = _dtype(kwargs[key])
     return kwargs
 

@@ -1,0 +1,107 @@
+"""layers.einsum and Dense in 16-bit compute: float32 accumulation forward and backward."""
+
+import itertools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vdit import layers
+
+SPECS = [("yzi,io->yzo", (2, 5, 8), (8, 6)), ("bhqd,bhkd->bhqk", (2, 3, 5, 4), (2, 3, 7, 4)),
+         ("bhqk,bhkd->bhqd", (2, 3, 5, 7), (2, 3, 7, 4)), ("yzi,ino->yzno", (2, 5, 8), (8, 3, 6))]
+
+
+def _operands(sa, sb, seed=0):
+    ka, kb = jax.random.split(jax.random.PRNGKey(seed))
+    return jax.random.normal(ka, sa), jax.random.normal(kb, sb)
+
+
+@pytest.mark.parametrize("spec,sa,sb", SPECS)
+def test_bf16_einsum_matches_f32_on_rounded_operands_forward_and_backward(spec, sa, sb):
+    a, b = _operands(sa, sb)
+    a16, b16 = a.astype(jnp.bfloat16), b.astype(jnp.bfloat16)
+    g = jax.random.normal(jax.random.PRNGKey(2), jnp.einsum(spec, a, b).shape)
+
+    def ref(a, b):  # the same products in f32, on operands already rounded to bf16
+        return jnp.einsum(spec, a.astype(jnp.bfloat16).astype(jnp.float32), b.astype(jnp.bfloat16).astype(jnp.float32))
+
+    y, vjp = jax.vjp(lambda a, b: layers.einsum(spec, a, b, jnp.bfloat16, jnp.float32), a16, b16)
+    y_ref, vjp_ref = jax.vjp(ref, a16.astype(jnp.float32), b16.astype(jnp.float32))
+    assert y.dtype == jnp.float32
+    np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)  # f32 accumulation: no bf16 rounding of sums
+    # The backward pass rounds the cotangent to bf16, as a bf16 GEMM's input is.
+    da, db = vjp(g)
+    da_ref, db_ref = vjp_ref(g.astype(jnp.bfloat16).astype(jnp.float32))
+    assert da.dtype == db.dtype == jnp.bfloat16
+    np.testing.assert_allclose(da.astype(jnp.float32), da_ref, rtol=1e-2, atol=1e-2)
+    np.testing.assert_allclose(db.astype(jnp.float32), db_ref, rtol=1e-2, atol=1e-2)
+
+
+def test_bf16_einsum_gradient_matmuls_take_bf16_operands():
+    # XLA:CPU widens a matmul with a float32 operand to a float32 GEMM; none may remain.
+    a, b = _operands((4, 8), (8, 6))
+    f = lambda a, b: jnp.sum(layers.einsum("zi,io->zo", a, b, jnp.bfloat16, jnp.float32) ** 2)
+    jaxpr = jax.make_jaxpr(jax.grad(f, argnums=(0, 1)))(a, b)
+    dots = [e for e in jaxpr.eqns if e.primitive.name == "dot_general"]
+    dots += [e for eq in jaxpr.eqns for sub in jax.core.jaxprs_in_params(eq.params) for e in sub.eqns
+             if e.primitive.name == "dot_general"]
+    assert len(dots) >= 3  # forward and both gradients
+    assert all(v.aval.dtype == jnp.bfloat16 for e in dots for v in e.invars)
+    assert all(e.params["preferred_element_type"] == jnp.float32 for e in dots)
+
+
+def test_f32_einsum_is_the_plain_einsum():
+    a, b = _operands((2, 5, 8), (8, 6))
+    np.testing.assert_array_equal(layers.einsum("yzi,io->yzo", a, b, jnp.float32), jnp.einsum("yzi,io->yzo", a, b))
+
+
+def test_bad_spec_is_a_clear_error():
+    a, b = _operands((4, 8), (8, 6))
+    with pytest.raises(ValueError, match="each operand's axes"):
+        layers.einsum("zi,io->z", a, b, jnp.bfloat16)  # 'o' summed inside one operand
+    with pytest.raises(ValueError, match="distinct letters"):
+        layers.einsum("...i,io->...o", a, b, jnp.bfloat16)
+
+
+def test_dense_out_dtype_keeps_param_tree_and_returns_f32():
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 5, 8))
+    ref = layers.Dense(6, axes=("embed", "mlp"))
+    low = layers.Dense(6, axes=("embed", "mlp"), dtype=jnp.bfloat16, out_dtype=jnp.float32)
+    params = nn.meta.unbox(ref.init(jax.random.PRNGKey(1), x))
+    params = jax.tree.map(lambda p: p + 0.1, params)  # a nonzero bias
+    assert jax.tree.structure(params) == jax.tree.structure(nn.meta.unbox(low.init(jax.random.PRNGKey(1), x)))
+    y = low.apply(params, x)
+    assert y.dtype == jnp.float32
+    np.testing.assert_allclose(y, ref.apply(params, x), rtol=3e-2, atol=3e-2)
+    assert layers.Dense(6, dtype=jnp.bfloat16).apply(params, x).dtype == jnp.bfloat16
+
+
+def _grid(n_axes, sizes=(1, 3, 8, 17), every=7):
+    # A deterministic spread of the size grid: the all-1 and all-17 corners and every 7th point.
+    grid = list(itertools.product(sizes, repeat=n_axes))
+    return grid[::every] + [grid[-1]]
+
+
+@pytest.mark.parametrize("lead", [1, 2])
+def test_bf16_layers_run_forward_and_backward_at_every_size(lead):
+    # XLA:CPU has no fallback kernel for bf16 x bf16 -> f32 matmuls that YNNPACK declines
+    # (it declines some layouts), so the contractions vdit's layers emit must all run.
+    bf16, f32 = jnp.bfloat16, jnp.float32
+
+    def run(f, *shapes):
+        args = [jnp.ones(s, bf16) for s in shapes]
+        grads = jax.jit(jax.grad(lambda *a: jnp.sum(f(*a) ** 2), argnums=tuple(range(len(args)))))(*args)
+        assert all(bool(jnp.all(jnp.isfinite(g.astype(f32)))) for g in grads)
+
+    for sizes in _grid(lead + 2):
+        *m, k, n = sizes
+        run(lambda x, w: layers.einsum(f"{'yz'[-lead:]}i,io->{'yz'[-lead:]}o", x, w, bf16, f32), (*m, k), (k, n))
+        w3 = (k, 3, n)
+        run(lambda x, w, b: jnp.stack(layers.fused_dense(x, [(w[:, i], b[i]) for i in range(3)], bf16, f32)),
+            (*m, k), w3, (3, n))
+    for b, h, q, kv in _grid(4, every=11):
+        run(lambda q_, k_: layers.einsum("bhqd,bhkd->bhqk", q_, k_, bf16, f32), (b, h, q, 8), (b, h, kv, 8))
+        run(lambda p, v: layers.einsum("bhqk,bhkd->bhqd", p, v, bf16, f32), (b, h, q, kv), (b, h, kv, 8))
