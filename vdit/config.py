@@ -58,7 +58,9 @@ def _all_keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
 
 
 def _parse_value(text: str, current):
-    """Parses an override string into the type of the current value."""
+    """Parses an override string into the type of the current value (``None`` unsets any key)."""
+    if text == "None":
+        return None
     if isinstance(current, str):
         return text
     try:

@@ -77,8 +77,14 @@ def gemm_peak(dtype: str = "float32", *, repeats: int = 5, sizes: tuple[int, ...
     sizes = sizes or GEMM_SIZES.get(backend, GEMM_SIZES["gpu"])
     chain = _GEMM_CHAIN.get(backend, 1)
 
+    # Products accumulate in f32 and are rounded back to ``dtype``, as vdit's model matmuls
+    # run (``layers.einsum``): XLA:CPU widens a bf16-result GEMM to f32, and only a bf16 x
+    # bf16 -> f32 one reaches the CPU's bf16 units.
+    def product(c, b):
+        return jnp.dot(c, b, preferred_element_type=jnp.float32).astype(c.dtype)
+
     def gemms(a, b):  # a chain, so no product can be skipped; b ~ N(0, 1/n) keeps the scale
-        return jax.lax.fori_loop(0, chain, lambda i, c: c @ b, a)
+        return jax.lax.fori_loop(0, chain, lambda i, c: product(c, b), a)
 
     by_size = {}
     for n in sizes:
