@@ -74,3 +74,9 @@ def test_configs_ship_in_the_wheel(tmp_path):
     names = zipfile.ZipFile(next(tmp_path.glob("vdit-*.whl"))).namelist()
     assert {f"vdit/configs/{n}.py" for n in SHIPPED} <= set(names)
     assert "vdit/configs/_base.py" in names and "vdit/data/pipeline.py" in names
+
+
+def test_override_none_unsets_a_key():
+    config = override(load_config("shapes_cpu"), ["dit.activation_dtype=None", "dit.dtype=float32"])
+    assert config.dit.activation_dtype is None
+    assert build_models(config).dit.activation_dtype is None
