@@ -77,6 +77,10 @@ def test_dense_out_dtype_keeps_param_tree_and_returns_f32():
     assert y.dtype == jnp.float32
     np.testing.assert_allclose(y, ref.apply(params, x), rtol=3e-2, atol=3e-2)
     assert layers.Dense(6, dtype=jnp.bfloat16).apply(params, x).dtype == jnp.bfloat16
+    # With f32 outputs the bias is added in f32, not rounded to bf16 first.
+    zero = jax.tree.map(jnp.zeros_like, params)
+    zero["params"]["linear"]["bias"] = jnp.full((6,), 1 + 2**-12)
+    assert bool(jnp.all(low.apply(zero, x) == 1 + 2**-12))
 
 
 def _grid(n_axes, sizes=(1, 3, 8, 17), every=7):
@@ -105,3 +109,19 @@ def test_bf16_layers_run_forward_and_backward_at_every_size(lead):
     for b, h, q, kv in _grid(4, every=11):
         run(lambda q_, k_: layers.einsum("bhqd,bhkd->bhqk", q_, k_, bf16, f32), (b, h, q, 8), (b, h, kv, 8))
         run(lambda p, v: layers.einsum("bhqk,bhkd->bhqd", p, v, bf16, f32), (b, h, q, kv), (b, h, kv, 8))
+
+
+@pytest.mark.parametrize("use_bias", [True, False])
+def test_f32_dense_equals_flax_dense_in_params_init_and_outputs(use_bias):
+    # Checkpoints and converters rely on Dense holding what flax.linen.Dense would, under `linear`.
+    class Reference(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(6, use_bias=use_bias, name="linear")(x)
+
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 5, 8))
+    ours = layers.Dense(6, use_bias=use_bias)
+    params = nn.meta.unbox(ours.init(jax.random.PRNGKey(3), x))
+    ref_params = Reference().init(jax.random.PRNGKey(3), x)
+    jax.tree.map(np.testing.assert_array_equal, params, ref_params)
+    np.testing.assert_allclose(ours.apply(params, x), Reference().apply(ref_params, x), rtol=1e-6, atol=1e-6)

@@ -108,13 +108,6 @@ def _batch_letters(n: int) -> str:
     return string.ascii_letters[26 - n : 26] if n else ""  # ..., x, y, z: clear of i, n, o
 
 
-def _dense_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, *, out_dtype=None):
-    # nn.Dense contracts the input's last axis with the kernel's first.
-    del dimension_numbers, precision, preferred_element_type
-    lead = _batch_letters(lhs.ndim - 1)
-    return einsum(f"{lead}i,io->{lead}o", lhs, rhs, lhs.dtype, out_dtype)
-
-
 class Dense(nn.Module):
     """A linear layer ``y = x W + b`` whose kernel has logical axes ``axes``.
 
@@ -140,17 +133,11 @@ class Dense(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         out_dtype = self.out_dtype or self.dtype
-        y = nn.Dense(
-            self.features,
-            use_bias=self.use_bias,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            kernel_init=partitioned(self.kernel_init, self.axes),
-            bias_init=partitioned(self.bias_init, (self.axes[1],)),
-            dot_general=functools.partial(_dense_dot_general, out_dtype=out_dtype),
-            name="linear",
-        )(x)
-        return y.astype(out_dtype)
+        kernel, bias = _LinearWeights(self.features, self.axes, self.param_dtype, self.use_bias, self.kernel_init,
+                                      self.bias_init, name="linear")(x.shape[-1])
+        lead = _batch_letters(x.ndim - 1)
+        y = einsum(f"{lead}i,io->{lead}o", x, kernel, self.dtype, out_dtype)
+        return y if bias is None else y + bias.astype(out_dtype)
 
 
 class DenseWeights(nn.Module):
@@ -171,16 +158,21 @@ class DenseWeights(nn.Module):
 
 
 class _LinearWeights(nn.Module):
+    # The parameters of flax.linen.Dense, named and initialised as it names and initialises them.
     features: int
     axes: tuple[str | None, str | None]
     param_dtype: Dtype
+    use_bias: bool = True
+    kernel_init: Initializer = default_kernel_init
+    bias_init: Initializer = nn.initializers.zeros_init()
 
     @nn.compact
-    def __call__(self, in_features: int) -> tuple[jax.Array, jax.Array]:
-        kernel = self.param("kernel", partitioned(default_kernel_init, self.axes), (in_features, self.features),
+    def __call__(self, in_features: int) -> tuple[jax.Array, jax.Array | None]:
+        kernel = self.param("kernel", partitioned(self.kernel_init, self.axes), (in_features, self.features),
                             self.param_dtype)
-        bias = self.param("bias", partitioned(nn.initializers.zeros_init(), (self.axes[1],)), (self.features,),
-                          self.param_dtype)
+        if not self.use_bias:
+            return kernel, None
+        bias = self.param("bias", partitioned(self.bias_init, (self.axes[1],)), (self.features,), self.param_dtype)
         return kernel, bias
 
 
