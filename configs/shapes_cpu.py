@@ -38,9 +38,10 @@ def get_config(arg=None):
     c.dit.update(in_channels=16, width=192, depth=6, num_heads=6, mlp_dim=768, text_dim=128, freq_dim=128,
                  scan_layers=True, remat="dots", dtype="bfloat16", activation_dtype="float32")
     # 1,000 DiT steps: a step of 32 clips costs 1.5-1.8x one of 16, so this is the time of about
-    # 1,500 steps of 16 clips. Direction is learned by step 1,000: 97.9-100% on train prompts
-    # in two 1,000-step runs and at step 1,000 of four 1,500-step runs; 1,500 steps drew shape
-    # better still (100% against 91.7-100%) but took the demo to 17 min 41 s (README, Results).
+    # 1,500 steps of 16 clips (demo 13 min 20 s). Direction is learned by step 1,000 (97.9-100%
+    # on train prompts in three 1,000-step runs); shape is the thinnest margin (89.6-100%).
+    # 1,500 steps drew every attribute right in five of five runs but took the demo to
+    # 17 min 41 s (README, Results).
     c.train.update(steps=1000, ema_decay=0.995, latents="cached", log_every=50, eval_every=500, checkpoint_every=500)
     c.optim.update(lr=2e-3, warmup_steps=50)
     # Training times drawn around t = 0.73 (logit-normal, mean 1) rather than 0.5: motion is
