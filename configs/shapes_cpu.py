@@ -40,7 +40,7 @@ def get_config(arg=None):
     # 1,000 DiT steps: a step of 32 clips costs 1.5-1.8x one of 16, so this is the time of about
     # 1,500 steps of 16 clips (demo 13 min 20 s). Direction is learned by step 1,000 (97.9-100%
     # on train prompts in three 1,000-step runs); shape is the thinnest margin (89.6-100%).
-    # 1,500 steps drew every attribute right in five of five runs but took the demo to
+    # 1,500 steps drew every attribute right in four of four runs but took the demo to
     # 17 min 41 s (README, Results).
     c.train.update(steps=1000, ema_decay=0.995, latents="cached", log_every=50, eval_every=500, checkpoint_every=500)
     c.optim.update(lr=2e-3, warmup_steps=50)
