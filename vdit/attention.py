@@ -85,11 +85,6 @@ def attention(
     return _splash_attention(q, k, v, mask)
 
 
-def _matmul(spec: str, a: jax.Array, b: jax.Array, dtype: Any) -> jax.Array:
-    # Operands in ``dtype``, float32 products, as layers.einsum; no custom VJP needed here.
-    return jnp.einsum(spec, a.astype(dtype), b.astype(dtype), preferred_element_type=jnp.float32)
-
-
 @jax.custom_vjp
 def _xla_attention(q, k, v, mask):
     return _xla_attention_fwd(q, k, v, mask)[0]
@@ -101,11 +96,11 @@ def _xla_attention_fwd(q, k, v, mask):
     dtype = q.dtype
     scale = 1.0 / math.sqrt(q.shape[-1])
     q, k, v = (jnp.swapaxes(x, 1, 2) for x in (q, k, v))  # (B, H, S, D)
-    s = _matmul("bhqd,bhkd->bhqk", q, k, dtype) * scale
+    s = layers.einsum("bhqd,bhkd->bhqk", q, k, dtype, jnp.float32) * scale
     if mask is not None:
         s = jnp.where(mask[:, None, None, :], s, _MASK_VALUE)
     p = jax.nn.softmax(s, axis=-1).astype(dtype)  # the operand of P V, kept for the backward pass
-    o = _matmul("bhqk,bhkd->bhqd", p, v, dtype)
+    o = layers.einsum("bhqk,bhkd->bhqd", p, v, dtype, jnp.float32)
     return jnp.swapaxes(o, 1, 2).astype(dtype), (q, k, v, p, mask)
 
 
@@ -118,14 +113,14 @@ def _xla_attention_bwd(res, do):
     dtype = p.dtype
     scale = 1.0 / math.sqrt(q.shape[-1])
     do = jnp.swapaxes(do, 1, 2)  # (B, H, Sq, D)
-    dp = _matmul("bhqd,bhkd->bhqk", do, v, dtype)
+    dp = layers.einsum("bhqd,bhkd->bhqk", do, v, dtype, jnp.float32)
     pf = p.astype(jnp.float32)
     ds = pf * (dp - jnp.sum(dp * pf, axis=-1, keepdims=True)) * scale
     if mask is not None:  # masked scores are constants: no gradient, even in an all-padded row
         ds = jnp.where(mask[:, None, None, :], ds, 0.0)
-    dq = _matmul("bhqk,bhkd->bhqd", ds, k, dtype)
-    dk_t = _matmul("bhdq,bhqk->bhdk", jnp.swapaxes(q, 2, 3), ds, dtype)
-    dv_t = _matmul("bhdq,bhqk->bhdk", jnp.swapaxes(do, 2, 3), p, dtype)
+    dq = layers.einsum("bhqk,bhkd->bhqd", ds, k, dtype, jnp.float32)
+    dk_t = layers.einsum("bhdq,bhqk->bhdk", jnp.swapaxes(q, 2, 3), ds, dtype, jnp.float32)
+    dv_t = layers.einsum("bhdq,bhqk->bhdk", jnp.swapaxes(do, 2, 3), p, dtype, jnp.float32)
     to_bshd = lambda x_t, like: jnp.transpose(x_t, (0, 3, 1, 2)).astype(like.dtype)
     return jnp.swapaxes(dq, 1, 2).astype(q.dtype), to_bshd(dk_t, k), to_bshd(dv_t, v), None
 
