@@ -58,10 +58,12 @@ def _autodiff_reference(q, k, v, mask):
 
 @pytest.mark.parametrize("dtype, atol", [(jnp.float32, 2e-5), (jnp.bfloat16, 6e-2)])
 @pytest.mark.parametrize("masked", [False, True])
-def test_xla_custom_vjp_matches_autodiff(dtype, atol, masked):
-    # The xla backend's hand-written backward pass against autodiff of the plain formula,
+@pytest.mark.parametrize("impl", ["xla", "chunked"])
+def test_custom_vjp_matches_autodiff(impl, dtype, atol, masked):
+    # A backend's hand-written backward pass against autodiff of the plain formula,
     # including an all-padded example (its scores are constants: its keys get no gradient,
-    # its values the uniform average's) and cross-attention lengths (Sq != Sk).
+    # its values the uniform average's) and cross-attention lengths (Sq != Sk); chunked
+    # in blocks of 16 over 45 keys (three blocks, the last one padded).
     q, k, v = (x.astype(dtype) for x in _qkv(b=3))
     mask = jnp.concatenate([_mask(2, 45), jnp.zeros((1, 45), bool)]) if masked else None
     w = jax.random.normal(jax.random.PRNGKey(9), q.shape)
@@ -69,7 +71,7 @@ def test_xla_custom_vjp_matches_autodiff(dtype, atol, masked):
     def loss(fn):
         return lambda q, k, v: jnp.sum(fn(q, k, v).astype(jnp.float32) * w)
 
-    got = jax.grad(loss(lambda q, k, v: attention(q, k, v, mask, impl="xla")), argnums=(0, 1, 2))(q, k, v)
+    got = jax.grad(loss(lambda q, k, v: attention(q, k, v, mask, impl=impl, block_kv=16)), argnums=(0, 1, 2))(q, k, v)
     want = jax.grad(loss(lambda q, k, v: _autodiff_reference(q, k, v, mask)), argnums=(0, 1, 2))(
         *(x.astype(jnp.float32) for x in (q, k, v)))
     for g, r, name in zip(got, want, "qkv"):

@@ -199,29 +199,41 @@ def chunked_attention(q, k, v, mask=None, *, block_kv: int = 512):
         k = jnp.pad(k, ((0, 0), (0, pad), (0, 0), (0, 0)))
         v = jnp.pad(v, ((0, 0), (0, pad), (0, 0), (0, 0)))
         mask = jnp.pad(mask, ((0, 0), (0, pad)))
-    return _flash(q, k, v, mask, block)
+    # (B, H, S, D) inside, as in `_xla_attention_fwd`: batched matmuls over contiguous (S, D).
+    q, k, v = (jnp.swapaxes(x, 1, 2) for x in (q, k, v))
+    return jnp.swapaxes(_flash(q, k, v, mask, block, sk), 1, 2)
 
 
-def _kv_blocks(x, block):
-    # (B, Sk, ...) -> (nk, B, block, ...), the scan axis first.
-    b, sk = x.shape[:2]
-    return jnp.moveaxis(x.reshape(b, sk // block, block, *x.shape[2:]), 1, 0)
+def _kv_blocks(k, v, mask, block, n_keys):
+    # Per key block, scan axis first: k, v (nk, B, H, block, D), mask (nk, B, block), and
+    # (nk, block) whether a key is real rather than padding up to a whole block.
+    split = lambda x, axis: jnp.moveaxis(  # noqa: E731
+        x.reshape(x.shape[:axis] + (x.shape[axis] // block, block) + x.shape[axis + 1:]), axis, 0)
+    real = jnp.arange(k.shape[2]).reshape(-1, block) < n_keys
+    return split(k, 2), split(v, 2), split(mask, 1), real
 
 
-def _flash_forward(q, k, v, mask, block):
-    b, sq, h, d = q.shape
+def _masked_scores(s, mb, real):
+    # Masked keys score _MASK_VALUE (an all-masked row averages its real keys); padding
+    # keys -inf, so that they never count, even in such a row.
+    s = jnp.where(mb[:, None, None, :], s, _MASK_VALUE)
+    return jnp.where(real, s, -jnp.inf)
+
+
+def _flash_forward(q, k, v, mask, block, n_keys):
+    b, h, sq, d = q.shape
+    dtype = q.dtype
     scale = 1.0 / math.sqrt(d)
 
     def step(carry, blk):
         o, m, l = carry  # (B, H, Sq, D), (B, H, Sq), (B, H, Sq)
-        kb, vb, mb = blk
-        s = jnp.einsum("bqhd,bkhd->bhqk", q, kb, preferred_element_type=jnp.float32) * scale
-        s = jnp.where(mb[:, None, None, :], s, _MASK_VALUE)
+        kb, vb, mb, real = blk
+        s = _masked_scores(layers.einsum("bhqd,bhkd->bhqk", q, kb, dtype, jnp.float32) * scale, mb, real)
         m_new = jnp.maximum(m, s.max(-1))
         p = jnp.exp(s - m_new[..., None])
         corr = jnp.exp(m - m_new)
         l = l * corr + p.sum(-1)
-        pv = jnp.einsum("bhqk,bkhd->bhqd", p.astype(vb.dtype), vb, preferred_element_type=jnp.float32)
+        pv = layers.einsum("bhqk,bhkd->bhqd", p, vb, dtype, jnp.float32)
         return (o * corr[..., None] + pv, m_new, l), None
 
     init = (
@@ -229,46 +241,49 @@ def _flash_forward(q, k, v, mask, block):
         jnp.full((b, h, sq), -jnp.inf, jnp.float32),
         jnp.zeros((b, h, sq), jnp.float32),
     )
-    blocks = (_kv_blocks(k, block), _kv_blocks(v, block), _kv_blocks(mask, block))
-    (o, m, l), _ = jax.lax.scan(step, init, blocks)
-    o = o / l[..., None]
-    lse = m + jnp.log(l)  # (B, H, Sq)
-    return jnp.swapaxes(o, 1, 2).astype(q.dtype), lse
+    (o, m, l), _ = jax.lax.scan(step, init, _kv_blocks(k, v, mask, block, n_keys))
+    # The backward pass recomputes P as exp(s - m) / l. A log-sum-exp m + log(l) would lose
+    # log(l) next to an all-masked row's m = _MASK_VALUE in float32.
+    inv_l = 1.0 / l  # (B, H, Sq)
+    return (o * inv_l[..., None]).astype(dtype), (m, inv_l)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _flash(q, k, v, mask, block):
-    return _flash_forward(q, k, v, mask, block)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _flash(q, k, v, mask, block, n_keys):
+    return _flash_forward(q, k, v, mask, block, n_keys)[0]
 
 
-def _flash_fwd(q, k, v, mask, block):
-    o, lse = _flash_forward(q, k, v, mask, block)
-    return o, (q, k, v, mask, o, lse)
+def _flash_fwd(q, k, v, mask, block, n_keys):
+    o, stats = _flash_forward(q, k, v, mask, block, n_keys)
+    return o, (q, k, v, mask, o, stats)
 
 
-def _flash_bwd(block, res, do):
-    q, k, v, mask, o, lse = res
-    scale = 1.0 / math.sqrt(q.shape[-1])
-    do32 = do.astype(jnp.float32)
-    delta = jnp.einsum("bqhd,bqhd->bhq", do32, o.astype(jnp.float32))  # (B, H, Sq)
+def _flash_bwd(block, n_keys, res, do):
+    # Per key block, the gradients of `_xla_attention_bwd` with P recomputed from the saved
+    # row maxima and normalizers. dK and dV come out transposed, (B, H, D, block), so that
+    # no matmul contracts the first axis of a (Sq, block) operand (see `_xla_attention_bwd`);
+    # the (D, Sq) operands they need are transposed once, outside the loop.
+    q, k, v, mask, o, (m, inv_l) = res
+    dtype = q.dtype
+    b, h, sk, d = k.shape
+    scale = 1.0 / math.sqrt(d)
+    delta = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), axis=-1)  # (B, H, Sq)
+    q_t, do_t = jnp.swapaxes(q, 2, 3), jnp.swapaxes(do, 2, 3).astype(dtype)  # (B, H, D, Sq)
 
     def step(dq, blk):
-        kb, vb, mb = blk
-        s = jnp.einsum("bqhd,bkhd->bhqk", q, kb, preferred_element_type=jnp.float32) * scale
-        s = jnp.where(mb[:, None, None, :], s, _MASK_VALUE)
-        p = jnp.exp(s - lse[..., None])  # (B, H, Sq, block)
-        dv = jnp.einsum("bhqk,bqhd->bkhd", p, do32)
-        dp = jnp.einsum("bqhd,bkhd->bhqk", do32, vb.astype(jnp.float32))
-        ds = p * (dp - delta[..., None]) * scale
-        dq = dq + jnp.einsum("bhqk,bkhd->bqhd", ds, kb.astype(jnp.float32))
-        dk = jnp.einsum("bhqk,bqhd->bkhd", ds, q.astype(jnp.float32))
-        return dq, (dk, dv)
+        kb, vb, mb, real = blk
+        s = _masked_scores(layers.einsum("bhqd,bhkd->bhqk", q, kb, dtype, jnp.float32) * scale, mb, real)
+        p = jnp.exp(s - m[..., None]) * inv_l[..., None]  # (B, H, Sq, block)
+        dv_t = layers.einsum("bhdq,bhqk->bhdk", do_t, p, dtype, jnp.float32)
+        dp = layers.einsum("bhqd,bhkd->bhqk", do, vb, dtype, jnp.float32)
+        ds = jnp.where(mb[:, None, None, :], p * (dp - delta[..., None]) * scale, 0.0)  # masked: constants
+        dq = dq + layers.einsum("bhqk,bhkd->bhqd", ds, kb, dtype, jnp.float32)
+        dk_t = layers.einsum("bhdq,bhqk->bhdk", q_t, ds, dtype, jnp.float32)
+        return dq, (dk_t, dv_t)
 
-    blocks = (_kv_blocks(k, block), _kv_blocks(v, block), _kv_blocks(mask, block))
-    dq, (dk, dv) = jax.lax.scan(step, jnp.zeros(q.shape, jnp.float32), blocks)
-    merge = lambda x: jnp.moveaxis(x, 0, 1).reshape(k.shape)  # noqa: E731
-    dk, dv = merge(dk), merge(dv)
-    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
+    dq, (dk_t, dv_t) = jax.lax.scan(step, jnp.zeros(q.shape, jnp.float32), _kv_blocks(k, v, mask, block, n_keys))
+    merge = lambda x_t, like: jnp.transpose(x_t, (1, 2, 0, 4, 3)).reshape(b, h, sk, d).astype(like.dtype)  # noqa: E731
+    return dq.astype(dtype), merge(dk_t, k), merge(dv_t, v), None
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
