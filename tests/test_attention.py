@@ -13,6 +13,7 @@ from vdit.attention import (
     attention,
     backend_unavailable_reason,
     rope_angles_3d,
+    rope_cos_sin,
     rope_split,
 )
 
@@ -165,7 +166,8 @@ def test_rope_is_relative():
     head_dim = 12
     angles = rope_angles_3d((6, 1, 1), head_dim)
     q, k = (jax.random.normal(jax.random.PRNGKey(s), (1, 1, 1, head_dim)) for s in (1, 2))
-    dot = lambda i, j: float(jnp.sum(apply_rope(q, angles[i : i + 1]) * apply_rope(k, angles[j : j + 1])))  # noqa: E731
+    rot = lambda x, i: apply_rope(x, rope_cos_sin(angles[i : i + 1]))  # noqa: E731
+    dot = lambda i, j: float(jnp.sum(rot(q, i) * rot(k, j)))  # noqa: E731
     assert dot(3, 1) == pytest.approx(dot(4, 2), abs=1e-5)
     assert dot(3, 1) != pytest.approx(dot(3, 2), abs=1e-3)
 

@@ -22,7 +22,7 @@ import flax.linen as nn
 import numpy as np
 
 from vdit import layers
-from vdit.attention import MultiHeadAttention, rope_angles_3d
+from vdit.attention import MultiHeadAttention, rope_angles_3d, rope_cos_sin
 
 REMAT_POLICIES = {
     "none": None,
@@ -75,7 +75,7 @@ class DiTBlock(nn.Module):
     activation_dtype: Any = None
 
     @nn.compact
-    def __call__(self, x, context, context_mask, mod, angles):
+    def __call__(self, x, context, context_mask, mod, rope):
         # x (B, S, D) float32 residual stream; mod (B, 6, D) shared timestep modulation.
         d = x.shape[-1]
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, out_dtype=self.activation_dtype)
@@ -87,7 +87,7 @@ class DiTBlock(nn.Module):
 
         norm = layers.LayerNorm(self.eps, use_affine=False, name="norm1")(x)
         h = (norm * (1 + scale) + shift).astype(self.dtype)
-        x = x + attn(name="self_attn")(h, angles=angles).astype(jnp.float32) * gate
+        x = x + attn(name="self_attn")(h, rope=rope).astype(jnp.float32) * gate
 
         h = layers.LayerNorm(self.eps, name="norm2")(x) if self.cross_attn_norm else x
         x = x + attn(name="cross_attn")(h.astype(self.dtype), context, context_mask).astype(jnp.float32)
@@ -105,11 +105,11 @@ class _ScanBlock(nn.Module):
     remat: str = "none"
 
     @nn.compact
-    def __call__(self, x, context, context_mask, mod, angles):
+    def __call__(self, x, context, context_mask, mod, rope):
         block = DiTBlock
         if REMAT_POLICIES[self.remat] is not None:
             block = nn.remat(DiTBlock, policy=REMAT_POLICIES[self.remat])
-        return block(**self.block_kwargs, name="block")(x, context, context_mask, mod, angles), None
+        return block(**self.block_kwargs, name="block")(x, context, context_mask, mod, rope), None
 
 
 class DiT(nn.Module):
@@ -212,7 +212,8 @@ class DiT(nn.Module):
         ).reshape(b, 6, d)
         context = layers.MLP(d, d, activation="gelu_tanh", name="text_embed", **kw)(text)
 
-        angles = jnp.asarray(rope_angles_3d((gt, gh, gw), d // self.num_heads, self.rope_theta), jnp.float32)
+        rope = tuple(jnp.asarray(a) for a in rope_cos_sin(rope_angles_3d((gt, gh, gw), d // self.num_heads,
+                                                                          self.rope_theta)))
         block_kwargs = dict(
             num_heads=self.num_heads,
             mlp_dim=self.mlp_dim,
@@ -233,13 +234,13 @@ class DiT(nn.Module):
                 length=self.depth,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )(block_kwargs, self.remat, name="blocks")
-            h, _ = blocks(h, context, text_mask, mod, angles)
+            h, _ = blocks(h, context, text_mask, mod, rope)
         else:
             block = DiTBlock
             if REMAT_POLICIES[self.remat] is not None:
                 block = nn.remat(DiTBlock, policy=REMAT_POLICIES[self.remat])
             for i in range(self.depth):
-                h = block(**block_kwargs, name=f"blocks_{i}")(h, context, text_mask, mod, angles)
+                h = block(**block_kwargs, name=f"blocks_{i}")(h, context, text_mask, mod, rope)
 
         table = self.param(
             "out_modulation", layers.partitioned(nn.initializers.zeros_init(), (None, "embed")), (2, d),
