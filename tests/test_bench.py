@@ -14,6 +14,7 @@ import pytest
 from vdit.bench import flops as F
 from vdit.bench import report
 from vdit.bench.attention import memory_exponent
+from vdit.bench.profile import hlo_ops
 from vdit.bench.timing import gemm_peak, measure
 from vdit.cli import main
 from vdit.config import load_config, override
@@ -125,6 +126,41 @@ def test_train_result(results):
     peer = r["peer"]
     assert peer["parity"]["params_peer"] == peer["parity"]["params_vdit"] == s["params"]
     assert peer["threads"] == s["cores"] and peer["step_s"] > 0
+
+
+def test_train_profile_splits_op_time_by_phase_and_kind(tmp_path):
+    # remat=full recomputes the forward pass in the backward: every phase x matmul shows up.
+    args = ["bench", "train", "--config", "tiny", "--batch", "2", "--remat", "full", "--no_xcheck",
+            "--repeats", "0", "--profile", str(tmp_path)]
+    assert main(args) == 0
+    prof = json.loads((tmp_path / "ops_full_scanFalse.json").read_text())
+    assert pathlib.Path(prof["trace"]).is_file() and prof["steps"] == 3
+    for key in ("forward matmul", "backward matmul", "remat matmul", "other loop"):
+        assert prof["split"][key] > 0, (key, prof["split"])
+    assert {op["kind"] for op in prof["ops"]} <= {"matmul", "loop", "control"} and prof["ops"]
+    assert prof["ops"] == sorted(prof["ops"], key=lambda op: -op["ms"])
+
+
+def test_hlo_ops_classifies_fusions():
+    hlo = """%fused_dot (p0: f32[4,8], p1: f32[8,2]) -> f32[4,2] {
+  %p0 = f32[4,8]{1,0} parameter(0)
+  %p1 = f32[8,2]{1,0} parameter(1)
+  ROOT %dot.1 = f32[4,2]{1,0} dot(%p0, %p1), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+}
+
+ENTRY %main (a: f32[4,8], b: f32[8,2]) -> f32[4,2] {
+  %a = f32[4,8]{1,0} parameter(0)
+  %b = f32[8,2]{1,0} parameter(1)
+  %ynn_fusion.3 = f32[4,2]{1,0} fusion(%a, %b), kind=kCustom, calls=%fused_dot, metadata={op_name="REMAT"}
+  %add_fusion = f32[4,2]{1,0} fusion(%ynn_fusion.3), kind=kLoop, calls=%fused_add, metadata={op_name="FWD"}
+  ROOT %while.2 = f32[4,2]{1,0} while(%add_fusion), condition=%c, body=%b2, metadata={op_name="jit(step)/adam/while"}
+}
+""".replace("REMAT", "jit(step)/transpose(jvp(DiT))/checkpoint/rematted_computation/mlp/dot_general").replace(
+        "FWD", "jit(step)/jvp(DiT)/add")
+    ops = hlo_ops(hlo)
+    assert ops["ynn_fusion.3"]["kind"] == "matmul" and ops["ynn_fusion.3"]["phase"] == "remat"
+    assert (ops["add_fusion"]["kind"], ops["add_fusion"]["phase"]) == ("loop", "forward")
+    assert (ops["while.2"]["kind"], ops["while.2"]["phase"]) == ("control", "other")
 
 
 def test_sample_result(results):

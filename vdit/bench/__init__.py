@@ -9,6 +9,7 @@ One module per responsibility:
 ``memory``      ``memory_analysis`` of a compiled step and its analytic estimate
 ``peer``        the same DiT as diffusers' ``WanTransformer3DModel`` in PyTorch
 ``train``       DiT train step: time, FLOP/s, memory per remat/scan, against the peer
+``profile``     a ``jax.profiler`` trace of a step summed per HLO op, by phase and kind
 ``sample``      sampler per-step latency, batched CFG against two passes, compile time
 ``vae``         chunked causal decode against whole-clip decode: bytes and time
 ``attention``   attention backends' time and memory against sequence length

@@ -13,6 +13,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+import json
+import pathlib
 from typing import Any, Callable
 
 import jax
@@ -24,6 +26,7 @@ from vdit.attention import backend_unavailable_reason
 from vdit.bench import flops as F
 from vdit.bench.machine import cpu_cores, spec_peak
 from vdit.bench.memory import memory_stats, train_memory_estimate
+from vdit.bench.profile import format_split, profile_step
 from vdit.bench.timing import compile_timed, gemm_peak, measure
 from vdit.config import override
 from vdit.dit import REMAT_POLICIES, count_params
@@ -62,8 +65,10 @@ def random_batch(dit, batch: int, latent_shape: tuple[int, ...], text_len: int, 
             "text_mask": np.ones((batch, text_len), bool)}
 
 
-def _variant(config, models: Models, batch_np: dict, *, warmup: int, repeats: int) -> dict:
-    """Compiles and times vdit's DiT train step for ``models.dit``'s remat/scan setting."""
+def _variant(config, models: Models, batch_np: dict, *, warmup: int, repeats: int,
+             profile_dir: str | None = None) -> dict:
+    """Compiles and times vdit's DiT train step for ``models.dit``'s remat/scan setting
+    (and, with ``profile_dir``, traces three more steps there: ``vdit.bench.profile``)."""
     dit = models.dit
     mesh = make_mesh({"data": 1}, jax.devices()[:1])
     rules = rules_from_config(config.sharding_rules)
@@ -90,8 +95,12 @@ def _variant(config, models: Models, batch_np: dict, *, warmup: int, repeats: in
         return holder[0], metrics
 
     timing = measure(one_step, warmup=warmup, repeats=repeats) if repeats else None
-    return {"compile_s": compile_s, "memory": memory_stats(compiled), "timing": timing,
-            "num_params": num_params}
+    out = {"compile_s": compile_s, "memory": memory_stats(compiled), "timing": timing, "num_params": num_params}
+    if profile_dir:
+        if not repeats:
+            jax.block_until_ready(one_step())  # the traced steps must not include the first run's setup
+        out["profile"] = profile_step(one_step, compiled.as_text(), profile_dir)
+    return out
 
 
 def _throughput(step_s: float | None, train_flops: float, tokens: int, peak: float, spec: float | None) -> dict:
@@ -105,7 +114,7 @@ def _throughput(step_s: float | None, train_flops: float, tokens: int, peak: flo
 
 def bench_train(config: ml_collections.ConfigDict, *, batch: int | None = None, remats: list[str] | None = None,
                 scans: list[bool] | None = None, warmup: int = 1, repeats: int = 5, peer: bool = False,
-                xcheck: bool = True, log: Callable[[str], Any] = print) -> dict:
+                xcheck: bool = True, profile: str | None = None, log: Callable[[str], Any] = print) -> dict:
     """Benchmarks the DiT train step of ``config`` for each remat policy x scan setting.
 
     Args:
@@ -118,6 +127,8 @@ def bench_train(config: ml_collections.ConfigDict, *, batch: int | None = None, 
       repeats: timed steps (the median is reported); 0 compiles only (memory, no time).
       peer: also time diffusers' WanTransformer3DModel doing the same step in torch.
       xcheck: cross-check the analytic FLOPs against XLA's cost analysis of the unrolled model.
+      profile: a directory: also trace each variant's step with ``jax.profiler`` there and
+        write ``ops_<remat>_scan<scan>.json``, its op time per phase and kind and its top ops.
       log: receives one progress line per measurement.
 
     Returns:
@@ -157,7 +168,14 @@ def bench_train(config: ml_collections.ConfigDict, *, batch: int | None = None, 
         for scan in scans if scans is not None else [dit.scan_layers]:
             variant = dataclasses.replace(models, dit=dit.clone(remat=remat, scan_layers=scan))
             log(f"[train] remat={remat} scan_layers={scan}: compiling and timing {repeats} steps")
-            out = _variant(config, variant, batch_np, warmup=warmup, repeats=repeats)
+            pdir = None if profile is None else f"{profile}/{remat}_scan{scan}"
+            out = _variant(config, variant, batch_np, warmup=warmup, repeats=repeats, profile_dir=pdir)
+            if "profile" in out:
+                prof = out.pop("profile")
+                path = pathlib.Path(profile) / f"ops_{remat}_scan{scan}.json"
+                path.write_text(json.dumps(prof, indent=1) + "\n")
+                log(f"[train] remat={remat} scan_layers={scan}: op time per step by phase and kind "
+                    f"({path}; trace {prof['trace']}):\n{format_split(prof)}")
             step_s = out["timing"].median if out["timing"] else None
             log(f"[train] remat={remat} scan_layers={scan}: compile {out['compile_s']:.1f} s, "
                 + (f"step {step_s:.4f} s" if step_s else "not timed"))

@@ -1,0 +1,104 @@
+"""Where a compiled step's time goes: a ``jax.profiler`` trace summed per HLO op.
+
+Each op of the trace is looked up in the compiled HLO and classified by
+
+* kind: ``matmul`` (a dot or convolution, alone or in a fusion), ``loop`` (any other
+  fusion or op: elementwise work, transposes, copies, broadcasts) or ``control``
+  (while/call/conditional bookkeeping);
+* phase, from the ``op_name`` JAX stamps on it: ``forward`` (``jvp(...)``), ``backward``
+  (``transpose(...)``), ``remat`` (recomputed in the backward pass, ``rematted_computation``)
+  or ``other`` (optimizer, EMA, loss, RNG).
+
+Op times are wall time per op; XLA:CPU runs independent ops concurrently, so their sum
+can exceed the step time and one op's GFLOP/s can read low while a sibling runs beside it.
+"""
+
+from __future__ import annotations
+
+import collections
+import gzip
+import json
+import pathlib
+import re
+from typing import Callable
+
+import jax
+
+_INSTR = re.compile(r"^\s+(?:ROOT )?%?([\w.\-]+) = (.*)$")
+_COMPUTATION = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) [^\n]*\{\n(.*?)\n\}", re.S | re.M)
+_MATMUL = re.compile(r"\s(?:dot|convolution)\(")
+_CONTROL = re.compile(r"\s(?:while|call|conditional)\(")
+
+
+def hlo_ops(hlo_text: str) -> dict[str, dict]:
+    """``{instruction name: {"kind", "phase", "op_name"}}`` of a compiled module's text."""
+    bodies = {m.group(1): m.group(2) for m in _COMPUTATION.finditer(hlo_text)}
+    ops = {}
+    for line in hlo_text.splitlines():
+        m = _INSTR.match(line)
+        if not m or m.group(1) in ops:
+            continue
+        name, rest = m.groups()
+        called = re.search(r"calls=%([\w.\-]+)", rest)
+        body = bodies.get(called.group(1), "") if called else ""
+        if _CONTROL.search(" " + rest.split(", metadata=")[0]):
+            kind = "control"
+        elif _MATMUL.search(" " + rest.split(", metadata=")[0]) or _MATMUL.search(body):
+            kind = "matmul"
+        else:
+            kind = "loop"
+        meta = re.search(r'op_name="([^"]*)"', rest)
+        op_name = meta.group(1) if meta else ""
+        phase = ("remat" if "rematted_computation" in op_name else "backward" if "transpose(" in op_name
+                 else "forward" if "jvp(" in op_name else "other")
+        ops[name] = {"kind": kind, "phase": phase, "op_name": op_name}
+    return ops
+
+
+def trace_op_times(trace_file: str | pathlib.Path) -> tuple[collections.Counter, collections.Counter]:
+    """Total microseconds and count per event name of a perfetto ``*.trace.json.gz``."""
+    with gzip.open(trace_file) as f:
+        data = json.load(f)
+    events = data["traceEvents"] if isinstance(data, dict) else data
+    total, count = collections.Counter(), collections.Counter()
+    for e in events:
+        if e.get("ph") == "X" and "dur" in e:
+            total[e["name"]] += e["dur"]
+            count[e["name"]] += 1
+    return total, count
+
+
+def profile_step(run: Callable[[], object], hlo_text: str, directory: str | pathlib.Path, steps: int = 3,
+                 top: int = 40) -> dict:
+    """Traces ``steps`` calls of ``run`` (already warm) into ``directory`` and sums them per op.
+
+    Returns ``{"steps", "trace", "split": {"phase kind": ms per step}, "ops": [top ops]}``,
+    each op ``{"name", "ms", "count", "kind", "phase", "op_name"}`` per step.
+    """
+    directory = pathlib.Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    before = set(directory.rglob("*.trace.json.gz"))
+    with jax.profiler.trace(str(directory), create_perfetto_trace=True):
+        for _ in range(steps):
+            jax.block_until_ready(run())
+    new = sorted(set(directory.rglob("*.trace.json.gz")) - before, key=lambda p: p.stat().st_mtime)
+    if not new:
+        raise RuntimeError(f"jax.profiler wrote no *.trace.json.gz under {directory}")
+    total, count = trace_op_times(new[-1])
+    ops = hlo_ops(hlo_text)
+    rows, split = [], collections.Counter()
+    for name, us in total.items():
+        info = ops.get(name)
+        if info is None:  # runtime events (thread pools, Python), not HLO ops
+            continue
+        ms = us / 1e3 / steps
+        split[f"{info['phase']} {info['kind']}"] += ms
+        rows.append({"name": name, "ms": ms, "count": count[name] // steps, **info})
+    rows.sort(key=lambda r: -r["ms"])
+    return {"steps": steps, "trace": str(new[-1]), "split": dict(split.most_common()), "ops": rows[:top]}
+
+
+def format_split(profile: dict) -> str:
+    """One line per ``phase kind`` with its ms per step and share of the summed op time."""
+    total = sum(profile["split"].values()) or 1.0
+    return "\n".join(f"{ms:9.1f} ms {100 * ms / total:5.1f}%  {key}" for key, ms in profile["split"].items())
