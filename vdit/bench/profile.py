@@ -7,7 +7,8 @@ Each op of the trace is looked up in the compiled HLO and classified by
   (while/call/conditional bookkeeping);
 * phase, from the ``op_name`` JAX stamps on it: ``forward`` (``jvp(...)``), ``backward``
   (``transpose(...)``), ``remat`` (recomputed in the backward pass, ``rematted_computation``)
-  or ``other`` (optimizer, EMA, loss, RNG).
+  or ``other`` (optimizer, EMA, metrics; the loss and its noise are part of the
+  differentiated function, so they count as forward).
 
 Op times are wall time per op; XLA:CPU runs independent ops concurrently, so their sum
 can exceed the step time and one op's GFLOP/s can read low while a sibling runs beside it.
@@ -41,9 +42,10 @@ def hlo_ops(hlo_text: str) -> dict[str, dict]:
         name, rest = m.groups()
         called = re.search(r"calls=%([\w.\-]+)", rest)
         body = bodies.get(called.group(1), "") if called else ""
-        if _CONTROL.search(" " + rest.split(", metadata=")[0]):
+        op = " " + rest.split(", metadata=")[0]
+        if _CONTROL.search(op):
             kind = "control"
-        elif _MATMUL.search(" " + rest.split(", metadata=")[0]) or _MATMUL.search(body):
+        elif _MATMUL.search(op) or _MATMUL.search(body):
             kind = "matmul"
         else:
             kind = "loop"
