@@ -155,9 +155,10 @@ def test_rope_matches_diffusers_wan():
     head_dim, grid = 24, (3, 4, 5)
     rope = transformer_wan.WanRotaryPosEmbed(head_dim, (1, 2, 2), max_seq_len=32)
     cos, sin = rope(torch.zeros(1, 4, grid[0], grid[1] * 2, grid[2] * 2))  # (1, S, 1, D)
-    angles = rope_angles_3d(grid, head_dim)
-    np.testing.assert_allclose(np.cos(angles), cos[0, :, 0, 0::2].numpy(), atol=1e-6)
-    np.testing.assert_allclose(np.sin(angles), sin[0, :, 0, 1::2].numpy(), atol=1e-6)
+    ours_cos, ours_sin = rope_cos_sin(rope_angles_3d(grid, head_dim))
+    assert ours_cos.dtype == ours_sin.dtype == np.float32
+    np.testing.assert_allclose(ours_cos, cos[0, :, 0, 0::2].numpy(), atol=1e-6)
+    np.testing.assert_allclose(ours_sin, sin[0, :, 0, 1::2].numpy(), atol=1e-6)
     assert sum(rope_split(head_dim)) == head_dim
 
 
