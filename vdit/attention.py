@@ -100,29 +100,38 @@ def _xla_attention_fwd(q, k, v, mask):
     if mask is not None:
         s = jnp.where(mask[:, None, None, :], s, _MASK_VALUE)
     p = jax.nn.softmax(s, axis=-1).astype(dtype)  # the operand of P V, kept for the backward pass
-    o = layers.einsum("bhqk,bhkd->bhqd", p, v, dtype, jnp.float32)
-    return jnp.swapaxes(o, 1, 2).astype(dtype), (q, k, v, p, mask)
+    o = layers.einsum("bhqk,bhkd->bhqd", p, v, dtype)  # accumulates in float32
+    return jnp.swapaxes(o, 1, 2), (q, k, v, p, o, mask)
 
 
 def _xla_attention_bwd(res, do):
-    # The gradients autodiff would give, with every matmul in "NN" or "NT" form. dV = P^T dO
-    # and dK = dS^T Q contract the first axis of an (Sq, Sk) operand; XLA:CPU runs such a
-    # bf16 matmul 4-7x slower than one contracting the last axis, so the small (S, D)
-    # operands are transposed instead and the results come out as dV^T, dK^T.
-    q, k, v, p, mask = res
-    dtype = p.dtype
-    scale = 1.0 / math.sqrt(q.shape[-1])
+    q, k, v, p, o, mask = res
     do = jnp.swapaxes(do, 1, 2)  # (B, H, Sq, D)
+    delta = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), axis=-1)  # rowsum(dP * P)
+    dq, dk_t, dv_t = _block_grads(q, jnp.swapaxes(q, 2, 3), do, jnp.swapaxes(do, 2, 3), k, v, p, delta, mask)
+    to_bshd = lambda x_t, like: jnp.transpose(x_t, (0, 3, 1, 2)).astype(like.dtype)  # noqa: E731
+    return jnp.swapaxes(dq, 1, 2).astype(q.dtype), to_bshd(dk_t, k), to_bshd(dv_t, v), None
+
+
+def _block_grads(q, q_t, do, do_t, k, v, p, delta, mask):
+    """dQ ``(B, H, Sq, D)`` and dK^T, dV^T ``(B, H, D, Sk)`` of attention to keys ``k, v``
+    ``(B, H, Sk, D)`` with probabilities ``p``; ``q_t``, ``do_t`` are ``(B, H, D, Sq)``.
+
+    Every matmul is in "NN" or "NT" form: dV = P^T dO and dK = dS^T Q would contract the
+    first axis of an (Sq, Sk) operand, which XLA:CPU runs 4-7x slower in bf16 than one
+    contracting the last axis, so the small (D, Sq) operands come transposed instead and
+    dK, dV come out transposed.
+    """
+    dtype = q.dtype
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    dv_t = layers.einsum("bhdq,bhqk->bhdk", do_t, p, dtype, jnp.float32)
     dp = layers.einsum("bhqd,bhkd->bhqk", do, v, dtype, jnp.float32)
-    pf = p.astype(jnp.float32)
-    ds = pf * (dp - jnp.sum(dp * pf, axis=-1, keepdims=True)) * scale
-    if mask is not None:  # masked scores are constants: no gradient, even in an all-padded row
+    ds = p.astype(jnp.float32) * (dp - delta[..., None]) * scale
+    if mask is not None:  # masked scores are constants: no gradient, even in an all-masked row
         ds = jnp.where(mask[:, None, None, :], ds, 0.0)
     dq = layers.einsum("bhqk,bhkd->bhqd", ds, k, dtype, jnp.float32)
-    dk_t = layers.einsum("bhdq,bhqk->bhdk", jnp.swapaxes(q, 2, 3), ds, dtype, jnp.float32)
-    dv_t = layers.einsum("bhdq,bhqk->bhdk", jnp.swapaxes(do, 2, 3), p, dtype, jnp.float32)
-    to_bshd = lambda x_t, like: jnp.transpose(x_t, (0, 3, 1, 2)).astype(like.dtype)
-    return jnp.swapaxes(dq, 1, 2).astype(q.dtype), to_bshd(dk_t, k), to_bshd(dv_t, v), None
+    dk_t = layers.einsum("bhdq,bhqk->bhdk", q_t, ds, dtype, jnp.float32)
+    return dq, dk_t, dv_t
 
 
 _xla_attention.defvjp(_xla_attention_fwd, _xla_attention_bwd)
@@ -259,27 +268,21 @@ def _flash_fwd(q, k, v, mask, block, n_keys):
 
 
 def _flash_bwd(block, n_keys, res, do):
-    # Per key block, the gradients of `_xla_attention_bwd` with P recomputed from the saved
-    # row maxima and normalizers. dK and dV come out transposed, (B, H, D, block), so that
-    # no matmul contracts the first axis of a (Sq, block) operand (see `_xla_attention_bwd`);
-    # the (D, Sq) operands they need are transposed once, outside the loop.
+    # Per key block, `_block_grads` with P recomputed from the saved row maxima and
+    # normalizers; the (D, Sq) operands it needs are transposed once, outside the loop.
     q, k, v, mask, o, (m, inv_l) = res
     dtype = q.dtype
     b, h, sk, d = k.shape
     scale = 1.0 / math.sqrt(d)
     delta = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), axis=-1)  # (B, H, Sq)
-    q_t, do_t = jnp.swapaxes(q, 2, 3), jnp.swapaxes(do, 2, 3).astype(dtype)  # (B, H, D, Sq)
+    q_t, do_t = jnp.swapaxes(q, 2, 3), jnp.swapaxes(do, 2, 3)  # (B, H, D, Sq)
 
     def step(dq, blk):
         kb, vb, mb, real = blk
         s = _masked_scores(layers.einsum("bhqd,bhkd->bhqk", q, kb, dtype, jnp.float32) * scale, mb, real)
         p = jnp.exp(s - m[..., None]) * inv_l[..., None]  # (B, H, Sq, block)
-        dv_t = layers.einsum("bhdq,bhqk->bhdk", do_t, p, dtype, jnp.float32)
-        dp = layers.einsum("bhqd,bhkd->bhqk", do, vb, dtype, jnp.float32)
-        ds = jnp.where(mb[:, None, None, :], p * (dp - delta[..., None]) * scale, 0.0)  # masked: constants
-        dq = dq + layers.einsum("bhqk,bhkd->bhqd", ds, kb, dtype, jnp.float32)
-        dk_t = layers.einsum("bhdq,bhqk->bhdk", q_t, ds, dtype, jnp.float32)
-        return dq, (dk_t, dv_t)
+        dq_b, dk_t, dv_t = _block_grads(q, q_t, do, do_t, kb, vb, p, delta, mb)
+        return dq + dq_b, (dk_t, dv_t)
 
     dq, (dk_t, dv_t) = jax.lax.scan(step, jnp.zeros(q.shape, jnp.float32), _kv_blocks(k, v, mask, block, n_keys))
     merge = lambda x_t, like: jnp.transpose(x_t, (1, 2, 0, 4, 3)).reshape(b, h, sk, d).astype(like.dtype)  # noqa: E731
