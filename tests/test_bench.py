@@ -223,10 +223,24 @@ def test_report_renders_results_and_fills_doc_regions(results, tmp_path):
 def test_docs_figures_are_the_committed_results():
     # docs/performance.md shows exactly what its JSON results render to: no hand-edited figure.
     doc = (REPO / "docs" / "performance.md").read_text()
-    for section in ("train", "remat", "sample", "vae", "attention", "train-gpu"):
+    for section in ("train", "remat", "sample", "vae", "attention", "train-gpu", "attention-gpu"):
         assert f"<!-- bench:{section} -->" in doc and f"<!-- /bench:{section} -->" in doc
     paths = sorted((REPO / "docs" / "bench").glob("*.json"))
     assert report.update_docs(doc, report.load_results(paths)) == doc
+
+
+def test_code_version_outside_git_comes_from_the_environment(monkeypatch):
+    # A copied tree (a lent GPU machine gets no .git) still stamps its results with the commit.
+    from vdit.bench import machine
+
+    def no_git(*args, **kwargs):
+        raise OSError("git: not found")
+
+    monkeypatch.setattr(machine.subprocess, "run", no_git)
+    monkeypatch.setenv("VDIT_CODE_VERSION", "abc1234")
+    assert machine.code_version() == "abc1234"
+    monkeypatch.delenv("VDIT_CODE_VERSION")
+    assert machine.code_version() is None
 
 
 def test_one_line_errors(capsys, tmp_path):

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# The GPU checks of docs/performance.md ("GPU: bf16 training of `small`") in one run, for
+# a single H100/H200 lent for minutes: cuDNN attention against xla (tests), then bf16
+# training of `small` at 16k and 32k tokens per sample with cuDNN attention (remat dots
+# and none), then the attention backends at 4k-32k tokens. Each phase has its own time
+# limit, so a slow or failing one does not cost the others.
+#
+#   bash scripts/gpu/checks.sh [LOGDIR]
+#
+# Results: docs/bench/*_gpu.json (render with `vdit bench report ... --docs docs/performance.md`),
+# logs in LOGDIR (default gpu_logs). Outside a git checkout, set VDIT_CODE_VERSION to the
+# commit so the results are stamped with it.
+set -u
+logs=${1:-gpu_logs}
+mkdir -p "$logs" docs/bench
+export PYTHONUNBUFFERED=1 JAX_PLATFORMS=cuda
+py=${PYTHON:-python3}
+phase() { echo "== $(date -u +%H:%M:%S) $1"; }
+run() {  # run LIMIT_S NAME CMD...: one phase, its output in LOGDIR/NAME.log
+  local limit=$1 name=$2; shift 2
+  phase "$name: $*"
+  timeout "$limit" "$@" 2>&1 | tee "$logs/$name.log" | grep -vE "^\s*$" | tail -n 40
+  echo "== $name exit ${PIPESTATUS[0]}"
+  cp -f docs/bench/*_gpu.json "$logs/" 2>/dev/null  # whatever is done survives a later time-out
+}
+
+phase env
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv
+$py -c "import jax, flax, optax, numpy; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__,
+'numpy', numpy.__version__, jax.devices())"
+
+run 180 tests $py -m pytest -q -p no:cacheprovider tests/test_attention.py tests/test_dit.py -k "cudnn or hardware"
+for t in 16k:61 32k:125; do
+  run 240 "train_${t%:*}" $py -m vdit bench train --config small dit.attention_impl=cudnn data.frames=${t#*:} \
+    data.resolution=512 --batch 1 --remat dots,none --no_xcheck --json "docs/bench/train_small_${t%:*}_gpu.json"
+done
+run 150 attention $py -m vdit bench attention --config small --impl cudnn,chunked,xla --seq 4096,16384,32768 \
+  --json docs/bench/attention_small_gpu.json
+phase done
