@@ -29,11 +29,11 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm 
 $py -c "import jax, flax, optax, numpy; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__,
 'numpy', numpy.__version__, jax.devices())"
 
-run 180 tests $py -m pytest -q -p no:cacheprovider tests/test_attention.py tests/test_dit.py -k "cudnn or hardware"
+run 150 tests $py -m pytest -q -p no:cacheprovider tests/test_attention.py tests/test_dit.py -k "cudnn or hardware"
 for t in 16k:61 32k:125; do
-  run 240 "train_${t%:*}" $py -m vdit bench train --config small dit.attention_impl=cudnn data.frames=${t#*:} \
+  run 200 "train_${t%:*}" $py -m vdit bench train --config small dit.attention_impl=cudnn data.frames=${t#*:} \
     data.resolution=512 --batch 1 --remat dots,none --no_xcheck --json "docs/bench/train_small_${t%:*}_gpu.json"
 done
-run 150 attention $py -m vdit bench attention --config small --impl cudnn,chunked,xla --seq 4096,16384,32768 \
+run 120 attention $py -m vdit bench attention --config small --impl cudnn,chunked,xla --seq 4096,16384,32768 \
   --json docs/bench/attention_small_gpu.json
 phase done
