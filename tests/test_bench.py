@@ -4,8 +4,10 @@ Benchmarks are commands, not timed tests: nothing here asserts a speed. Every
 benchmark runs once on the tiny config (module fixture) and the tests read its JSON.
 """
 
+import gzip
 import json
 import pathlib
+import re
 
 import jax
 import numpy as np
@@ -141,6 +143,28 @@ def test_train_profile_splits_op_time_by_phase_and_kind(tmp_path):
     assert prof["ops"] == sorted(prof["ops"], key=lambda op: -op["ms"])
 
 
+def test_trace_op_times_counts_device_events_by_hlo_op(tmp_path):
+    from vdit.bench.profile import trace_op_times
+
+    events = [
+        {"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/host:CPU"}},
+        {"ph": "M", "name": "process_name", "pid": 2, "args": {"name": "/device:GPU:0 (NVIDIA H200)"}},
+        {"ph": "X", "pid": 1, "name": "fusion.1", "dur": 5.0},  # the host's launch of the kernel below
+        {"ph": "X", "pid": 2, "name": "loop_add_fusion", "dur": 7.0, "args": {"hlo_op": "fusion.1"}},
+        {"ph": "X", "pid": 2, "name": "loop_add_fusion", "dur": 3.0, "args": {"hlo_op": "fusion.1"}},
+        {"ph": "X", "pid": 2, "name": "sm90_gemm", "dur": 4.0, "args": {"hlo_op": "dot.2"}},
+    ]
+    path = tmp_path / "t.trace.json.gz"
+    with gzip.open(path, "wt") as f:
+        json.dump({"traceEvents": events}, f)
+    total, count = trace_op_times(path)
+    assert total == {"fusion.1": 10.0, "dot.2": 4.0} and count["fusion.1"] == 2
+    # A CPU trace has no device process: every op event counts under its own name.
+    with gzip.open(path, "wt") as f:
+        json.dump({"traceEvents": [e for e in events if e["pid"] == 1]}, f)
+    assert trace_op_times(path)[0] == {"fusion.1": 5.0}
+
+
 def test_hlo_ops_classifies_fusions():
     hlo = """%fused_dot (p0: f32[4,8], p1: f32[8,2]) -> f32[4,2] {
   %p0 = f32[4,8]{1,0} parameter(0)
@@ -229,16 +253,20 @@ def test_docs_figures_are_the_committed_results():
     assert report.update_docs(doc, report.load_results(paths)) == doc
 
 
-def test_code_version_outside_git_comes_from_the_environment(monkeypatch):
-    # A copied tree (a lent GPU machine gets no .git) still stamps its results with the commit.
+def test_code_version_comes_from_the_environment_when_set(monkeypatch):
+    # A copied tree (a lent GPU machine's copy, whose .git can be stale) stamps results with the commit it was sent.
     from vdit.bench import machine
+
+    monkeypatch.delenv("VDIT_CODE_VERSION", raising=False)
+    here = machine.code_version()
+    assert here and re.fullmatch(r"[0-9a-f]{7,}(\+dirty)?", here)
+    monkeypatch.setenv("VDIT_CODE_VERSION", "abc1234")
+    assert machine.code_version() == "abc1234"
 
     def no_git(*args, **kwargs):
         raise OSError("git: not found")
 
     monkeypatch.setattr(machine.subprocess, "run", no_git)
-    monkeypatch.setenv("VDIT_CODE_VERSION", "abc1234")
-    assert machine.code_version() == "abc1234"
     monkeypatch.delenv("VDIT_CODE_VERSION")
     assert machine.code_version() is None
 

@@ -1,17 +1,23 @@
 #!/usr/bin/env bash
 # The GPU checks of docs/performance.md ("GPU: bf16 training of `small`") in one run, for
-# a single H100/H200 lent for minutes: cuDNN attention against xla (tests), then bf16
-# training of `small` at 16k and 32k tokens per sample with cuDNN attention (remat dots
-# and none), then the attention backends at 4k-32k tokens. Each phase has its own time
-# limit, so a slow or failing one does not cost the others.
+# a single H100/H200 lent for minutes. Phases (default: tests train attention):
+#   tests      cuDNN attention against xla, in outputs and gradients (pytest)
+#   train      bf16 training of `small` at 16k and 32k tokens per sample, cuDNN attention,
+#              remat dots and none
+#   attention  the attention backends at 4k-32k tokens
+#   heads128   `small` with 6 heads of 128 instead of 12 of 64: cuDNN attention and training at 32k
+#   profile    op time of the 16k train step by phase and kind (jax.profiler), into LOGDIR/prof
+# Each phase has its own time limit, so a slow or failing one does not cost the others.
 #
-#   bash scripts/gpu/checks.sh [LOGDIR]
+#   bash scripts/gpu/checks.sh [LOGDIR [PHASE...]]
 #
 # Results: docs/bench/*_gpu.json (render with `vdit bench report ... --docs docs/performance.md`),
-# logs in LOGDIR (default gpu_logs). Outside a git checkout, set VDIT_CODE_VERSION to the
-# commit so the results are stamped with it.
+# copied with the logs into LOGDIR (default gpu_logs). On a copied tree set VDIT_CODE_VERSION
+# to the commit, so that the results are stamped with it.
 set -u
 logs=${1:-gpu_logs}
+shift || true
+phases=${*:-tests train attention}
 mkdir -p "$logs" docs/bench
 export PYTHONUNBUFFERED=1 JAX_PLATFORMS=cuda
 py=${PYTHON:-python3}
@@ -23,17 +29,30 @@ run() {  # run LIMIT_S NAME CMD...: one phase, its output in LOGDIR/NAME.log
   echo "== $name exit ${PIPESTATUS[0]}"
   cp -f docs/bench/*_gpu.json "$logs/" 2>/dev/null  # whatever is done survives a later time-out
 }
+small16k=(--config small dit.attention_impl=cudnn data.frames=61 data.resolution=512 --batch 1)
 
 phase env
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv
 $py -c "import jax, flax, optax, numpy; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__,
 'numpy', numpy.__version__, jax.devices())"
 
-run 150 tests $py -m pytest -q -p no:cacheprovider tests/test_attention.py tests/test_dit.py -k "cudnn or hardware"
-for t in 16k:61 32k:125; do
-  run 200 "train_${t%:*}" $py -m vdit bench train --config small dit.attention_impl=cudnn data.frames=${t#*:} \
-    data.resolution=512 --batch 1 --remat dots,none --no_xcheck --json "docs/bench/train_small_${t%:*}_gpu.json"
+for p in $phases; do
+  case $p in
+    tests) run 150 tests $py -m pytest -q -p no:cacheprovider tests/test_attention.py tests/test_dit.py -k "cudnn or hardware" ;;
+    train)
+      for t in 16k:61 32k:125; do
+        run 200 "train_${t%:*}" $py -m vdit bench train --config small dit.attention_impl=cudnn data.frames=${t#*:} \
+          data.resolution=512 --batch 1 --remat dots,none --no_xcheck --json "docs/bench/train_small_${t%:*}_gpu.json"
+      done ;;
+    attention) run 120 attention $py -m vdit bench attention --config small --impl cudnn,chunked,xla \
+      --seq 4096,16384,32768 --json docs/bench/attention_small_gpu.json ;;
+    heads128)
+      run 60 attention_d128 $py -m vdit bench attention --config small dit.num_heads=6 --impl cudnn \
+        --seq 4096,16384,32768 --json docs/bench/attention_small_d128_gpu.json
+      run 120 train_32k_d128 $py -m vdit bench train --config small dit.num_heads=6 dit.attention_impl=cudnn \
+        data.frames=125 data.resolution=512 --batch 1 --remat none --no_xcheck --json docs/bench/train_small_32k_d128_gpu.json ;;
+    profile) run 150 profile $py -m vdit bench train "${small16k[@]}" --remat none --no_xcheck --profile "$logs/prof" ;;
+    *) echo "unknown phase $p; expected tests, train, attention, heads128 or profile"; exit 2 ;;
+  esac
 done
-run 120 attention $py -m vdit bench attention --config small --impl cudnn,chunked,xla --seq 4096,16384,32768 \
-  --json docs/bench/attention_small_gpu.json
 phase done

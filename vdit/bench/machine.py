@@ -67,11 +67,12 @@ def versions() -> dict[str, str | None]:
 
 
 def code_version() -> str | None:
-    """The git commit of the vdit checkout that runs, ``+dirty`` when its code or configs have
-    uncommitted changes; outside a git checkout (an installed wheel, a copied tree),
-    ``$VDIT_CODE_VERSION`` or None."""
+    """``$VDIT_CODE_VERSION`` when set (a copied tree, whose .git may be stale or absent);
+    else the git commit of the vdit checkout that runs, ``+dirty`` when its code or configs
+    have uncommitted changes; None outside a git checkout (an installed wheel)."""
+    if os.environ.get("VDIT_CODE_VERSION"):
+        return os.environ["VDIT_CODE_VERSION"]
     root = pathlib.Path(__file__).resolve().parents[2]
-    fallback = os.environ.get("VDIT_CODE_VERSION") or None
 
     def git(*args):
         return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=10)
@@ -79,10 +80,10 @@ def code_version() -> str | None:
     try:
         head = git("rev-parse", "--short", "HEAD")
         if head.returncode:
-            return fallback
+            return None
         dirty = git("status", "--porcelain", "--", "vdit", "configs").stdout.strip()
     except (OSError, subprocess.SubprocessError):
-        return fallback
+        return None
     return head.stdout.strip() + ("+dirty" if dirty else "")
 
 

@@ -58,15 +58,23 @@ def hlo_ops(hlo_text: str) -> dict[str, dict]:
 
 
 def trace_op_times(trace_file: str | pathlib.Path) -> tuple[collections.Counter, collections.Counter]:
-    """Total microseconds and count per event name of a perfetto ``*.trace.json.gz``."""
+    """Total microseconds and count per op of a perfetto ``*.trace.json.gz``.
+
+    On an accelerator only the device's events count (the host's launch events would
+    count each op twice), named by their ``hlo_op`` where the event carries one
+    (GPU kernels are named after the kernel, not the HLO instruction).
+    """
     with gzip.open(trace_file) as f:
         data = json.load(f)
     events = data["traceEvents"] if isinstance(data, dict) else data
+    device_pids = {e.get("pid") for e in events if e.get("ph") == "M" and e.get("name") == "process_name"
+                   and re.match(r"/device:(GPU|TPU)", str(e.get("args", {}).get("name", "")))}
     total, count = collections.Counter(), collections.Counter()
     for e in events:
-        if e.get("ph") == "X" and "dur" in e:
-            total[e["name"]] += e["dur"]
-            count[e["name"]] += 1
+        if e.get("ph") == "X" and "dur" in e and (not device_pids or e.get("pid") in device_pids):
+            name = (e.get("args") or {}).get("hlo_op") or e["name"]
+            total[name] += e["dur"]
+            count[name] += 1
     return total, count
 
 
