@@ -87,6 +87,7 @@ def profile_step(run: Callable[[], object], hlo_text: str, directory: str | path
     """
     directory = pathlib.Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    (directory / "module.hlo.txt").write_text(hlo_text)  # to read the trace's op names against later
     before = set(directory.rglob("*.trace.json.gz"))
     with jax.profiler.trace(str(directory), create_perfetto_trace=True):
         for _ in range(steps):
