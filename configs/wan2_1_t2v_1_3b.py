@@ -15,7 +15,7 @@ def get_config(arg=None):
     c.vae.update(dtype="bfloat16")
     c.text.update(max_length=512, width=4096, depth=2, num_heads=32, mlp_ratio=2.0, dtype="bfloat16")
     c.dit.update(width=1536, depth=30, num_heads=12, mlp_dim=8960, text_dim=4096, freq_dim=256, remat="dots",
-                 scan_layers=True, attention_impl="chunked", dtype="bfloat16")
+                 scan_layers=True, attention_impl="auto", dtype="bfloat16")
     c.schedule.update(shift=5.0)
     c.optim.update(lr=1e-4, warmup_steps=1000)
     c.train.update(steps=100_000, checkpoint_every=1000, log_every=50)

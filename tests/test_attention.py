@@ -16,6 +16,7 @@ from vdit.attention import (
     backend_unavailable_reason,
     rope_angles_3d,
     rope_cos_sin,
+    resolve_impl,
     rope_split,
 )
 
@@ -168,7 +169,21 @@ def test_bad_inputs_are_one_line_errors():
     if jax.default_backend() == "cpu":
         with pytest.raises(ValueError, match="needs a GPU"):
             attention(q, k, v, impl="cudnn")
-    assert set(BACKENDS) == {"xla", "chunked", "cudnn", "splash"}
+    assert set(BACKENDS) == {"xla", "chunked", "cudnn", "splash", "auto"}
+
+
+def test_auto_is_cudnn_on_gpus_in_half_precision_else_chunked():
+    assert resolve_impl("auto", jnp.bfloat16, "gpu") == resolve_impl("auto", jnp.float16, "gpu") == "cudnn"
+    assert resolve_impl("auto", jnp.float32, "gpu") == "chunked"
+    assert resolve_impl("auto", jnp.bfloat16, "cpu") == resolve_impl("auto", jnp.bfloat16, "tpu") == "chunked"
+    assert resolve_impl("xla", jnp.bfloat16, "gpu") == "xla"
+    q, k, v = _qkv()
+    mask = _mask(2, 45)
+    want = "cudnn" if jax.default_backend() == "gpu" else "chunked"
+    np.testing.assert_array_equal(attention(q.astype(jnp.bfloat16), k.astype(jnp.bfloat16), v.astype(jnp.bfloat16),
+                                            mask, impl="auto"),
+                                  attention(q.astype(jnp.bfloat16), k.astype(jnp.bfloat16), v.astype(jnp.bfloat16),
+                                            mask, impl=want))
 
 
 def test_rope_matches_diffusers_wan():

@@ -11,6 +11,8 @@ Backends:
                grows linearly with sequence length. Pure JAX; runs anywhere.
   ``cudnn``    ``jax.nn.dot_product_attention(implementation="cudnn")``; GPU only.
   ``splash``   Pallas splash attention; TPU only.
+  ``auto``     ``cudnn`` on a GPU with bfloat16/float16 inputs, else ``chunked``: the
+               fastest backend verified on each platform (docs/performance.md).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import numpy as np
 
 from vdit import layers
 
-BACKENDS = ("xla", "chunked", "cudnn", "splash")
+BACKENDS = ("xla", "chunked", "cudnn", "splash", "auto")
 _PLATFORM_OF = {"cudnn": "gpu", "splash": "tpu"}
 # Finite, so a fully padded row yields a uniform average instead of NaN.
 _MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
@@ -41,6 +43,16 @@ def backend_unavailable_reason(impl: str) -> str | None:
     if need is not None and have != need:
         return f"attention impl {impl!r} needs a {need.upper()}, but JAX runs on {have!r}; use 'xla' or 'chunked'"
     return None
+
+
+def resolve_impl(impl: str, dtype: Any, backend: str | None = None) -> str:
+    """The backend ``impl`` runs as for inputs of ``dtype`` on ``backend`` (default: JAX's):
+    ``auto`` becomes ``cudnn`` on a GPU with bfloat16/float16 inputs and ``chunked``
+    elsewhere; any other name is itself."""
+    if impl != "auto":
+        return impl
+    on_gpu = (backend or jax.default_backend()) == "gpu"
+    return "cudnn" if on_gpu and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) else "chunked"
 
 
 def attention(
@@ -75,6 +87,7 @@ def attention(
     reason = backend_unavailable_reason(impl)
     if reason:
         raise ValueError(reason)
+    impl = resolve_impl(impl, q.dtype)
     if impl == "xla":
         return _xla_attention(q, k, v, mask)
     if impl == "chunked":
