@@ -165,6 +165,26 @@ def test_trace_op_times_counts_device_events_by_hlo_op(tmp_path):
     assert trace_op_times(path)[0] == {"fusion.1": 5.0}
 
 
+def test_device_kernel_split_groups_gpu_kernels_by_kind(tmp_path):
+    from vdit.bench.profile import device_kernel_split, kernel_kind
+
+    names = {"cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma_f16": "attention",
+             "void cudnn::fusion::compute_dot_do_o_specialized<true, 64>": "attention",
+             "nvjet_sm90_tss_128x160_64x5_2x4_h_bz_NTT": "matmul", "gemm_fusion_dot_7": "matmul",
+             "memcpy128": "copy", "loop_dynamic_update_slice_fusion_39": "copy", "wrapped_transpose": "copy",
+             "input_add_reduce_fusion_1": "reduce", "triton_softmax_5": "reduce", "loop_add_fusion_1": "loop"}
+    assert {n: kernel_kind(n) for n in names} == names
+    events = [{"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/device:GPU:0"}},
+              {"ph": "M", "name": "process_name", "pid": 9, "args": {"name": "/host:CPU"}},
+              {"ph": "X", "pid": 9, "name": "memcpy128", "dur": 1000.0}]
+    events += [{"ph": "X", "pid": 1, "name": n, "dur": 2000.0} for n in names]
+    path = tmp_path / "t.trace.json.gz"
+    with gzip.open(path, "wt") as f:
+        json.dump({"traceEvents": events}, f)
+    assert device_kernel_split(path, steps=2) == {"copy": 3.0, "attention": 2.0, "matmul": 2.0, "reduce": 2.0,
+                                                  "loop": 1.0}
+
+
 def test_hlo_ops_classifies_fusions():
     hlo = """%fused_dot (p0: f32[4,8], p1: f32[8,2]) -> f32[4,2] {
   %p0 = f32[4,8]{1,0} parameter(0)

@@ -78,12 +78,42 @@ def trace_op_times(trace_file: str | pathlib.Path) -> tuple[collections.Counter,
     return total, count
 
 
+# GPU kernels by name, for the device events of a trace whose ops XLA ran inside command
+# buffers (CUDA graphs): those events name the graph, not the HLO op.
+_KERNEL_KINDS = (
+    ("attention", re.compile(r"sdpa|flash|fmha|^void cudnn")),
+    ("matmul", re.compile(r"gemm|nvjet|cutlass|xmma|cublas")),
+    ("copy", re.compile(r"^mem(cpy|set)|dynamic_update_slice|dynamic_slice|transpose|^copy")),
+    ("reduce", re.compile(r"reduce|softmax")),
+)
+
+
+def kernel_kind(name: str) -> str:
+    """``attention``, ``matmul``, ``copy``, ``reduce`` or ``loop`` (elementwise fusions) for a GPU kernel name."""
+    return next((kind for kind, pattern in _KERNEL_KINDS if pattern.search(name)), "loop")
+
+
+def device_kernel_split(trace_file: str | pathlib.Path, steps: int) -> dict[str, float]:
+    """Milliseconds per step of an accelerator trace's kernels by ``kernel_kind``; {} for a CPU trace."""
+    with gzip.open(trace_file) as f:
+        data = json.load(f)
+    events = data["traceEvents"] if isinstance(data, dict) else data
+    device_pids = {e.get("pid") for e in events if e.get("ph") == "M" and e.get("name") == "process_name"
+                   and re.match(r"/device:(GPU|TPU)", str(e.get("args", {}).get("name", "")))}
+    split = collections.Counter()
+    for e in events:
+        if e.get("ph") == "X" and "dur" in e and e.get("pid") in device_pids:
+            split[kernel_kind(e["name"])] += e["dur"] / 1e3 / steps
+    return dict(split.most_common())
+
+
 def profile_step(run: Callable[[], object], hlo_text: str, directory: str | pathlib.Path, steps: int = 3,
                  top: int = 40) -> dict:
     """Traces ``steps`` calls of ``run`` (already warm) into ``directory`` and sums them per op.
 
-    Returns ``{"steps", "trace", "split": {"phase kind": ms per step}, "ops": [top ops]}``,
-    each op ``{"name", "ms", "count", "kind", "phase", "op_name"}`` per step.
+    Returns ``{"steps", "trace", "split": {"phase kind": ms per step}, "kernels": {kernel
+    kind: ms per step} (accelerators only), "ops": [top ops]}``, each op ``{"name", "ms",
+    "count", "kind", "phase", "op_name"}`` per step.
     """
     directory = pathlib.Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -106,10 +136,14 @@ def profile_step(run: Callable[[], object], hlo_text: str, directory: str | path
         split[f"{info['phase']} {info['kind']}"] += ms
         rows.append({"name": name, "ms": ms, "count": count[name] // steps, **info})
     rows.sort(key=lambda r: -r["ms"])
-    return {"steps": steps, "trace": str(new[-1]), "split": dict(split.most_common()), "ops": rows[:top]}
+    return {"steps": steps, "trace": str(new[-1]), "split": dict(split.most_common()),
+            "kernels": device_kernel_split(new[-1], steps), "ops": rows[:top]}
 
 
 def format_split(profile: dict) -> str:
-    """One line per ``phase kind`` with its ms per step and share of the summed op time."""
-    total = sum(profile["split"].values()) or 1.0
-    return "\n".join(f"{ms:9.1f} ms {100 * ms / total:5.1f}%  {key}" for key, ms in profile["split"].items())
+    """One line per ``phase kind`` (and per device kernel kind) with its ms per step and share."""
+    lines = []
+    for title, split in (("", profile["split"]), ("kernels: ", profile.get("kernels") or {})):
+        total = sum(split.values()) or 1.0
+        lines += [f"{ms:9.1f} ms {100 * ms / total:5.1f}%  {title}{key}" for key, ms in split.items()]
+    return "\n".join(lines)
