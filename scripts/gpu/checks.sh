@@ -3,7 +3,7 @@
 # a single H100/H200 lent for minutes. Phases (default: tests train attention heads64):
 #   tests      cuDNN attention against xla, in outputs and gradients, and `auto` (pytest)
 #   train      bf16 training of `small` at 16k and 32k tokens per sample, cuDNN attention,
-#              remat dots and none, scanned and unrolled layers
+#              remat dots and none
 #   attention  the attention backends at 4k-32k tokens
 #   heads64    `small` with 12 heads of 64 (its shape before 6 of 128): cuDNN attention, and
 #              training at 32k
@@ -43,9 +43,8 @@ for p in $phases; do
       -k "cudnn or hardware or auto" ;;
     train)
       for t in 16k:61 32k:125; do
-        run 150 "train_${t%:*}" $py -m vdit bench train --config small dit.attention_impl=cudnn data.frames=${t#*:} \
-          data.resolution=512 --batch 1 --remat dots,none --scan true,false --no_xcheck \
-          --json "docs/bench/train_small_${t%:*}_gpu.json"
+        run 200 "train_${t%:*}" $py -m vdit bench train --config small dit.attention_impl=cudnn data.frames=${t#*:} \
+          data.resolution=512 --batch 1 --remat dots,none --no_xcheck --json "docs/bench/train_small_${t%:*}_gpu.json"
       done ;;
     attention) run 60 attention $py -m vdit bench attention --config small --impl cudnn,chunked,xla \
       --seq 4096,16384,32768 --json docs/bench/attention_small_gpu.json ;;
