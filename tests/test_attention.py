@@ -176,6 +176,8 @@ def test_auto_is_cudnn_on_gpus_in_half_precision_else_chunked():
     assert resolve_impl("auto", jnp.bfloat16, "gpu") == resolve_impl("auto", jnp.float16, "gpu") == "cudnn"
     assert resolve_impl("auto", jnp.float32, "gpu") == "chunked"
     assert resolve_impl("auto", jnp.bfloat16, "cpu") == resolve_impl("auto", jnp.bfloat16, "tpu") == "chunked"
+    assert resolve_impl("auto", jnp.bfloat16, "gpu", head_dim=12) == "chunked"  # not a multiple of 8
+    assert resolve_impl("auto", jnp.bfloat16, "gpu", head_dim=256) == "chunked"  # Hopper-only width
     assert resolve_impl("xla", jnp.bfloat16, "gpu") == "xla"
     q, k, v = _qkv()
     mask = _mask(2, 45)

@@ -11,8 +11,9 @@ Backends:
                grows linearly with sequence length. Pure JAX; runs anywhere.
   ``cudnn``    ``jax.nn.dot_product_attention(implementation="cudnn")``; GPU only.
   ``splash``   Pallas splash attention; TPU only.
-  ``auto``     ``cudnn`` on a GPU with bfloat16/float16 inputs, else ``chunked``: the
-               fastest backend verified on each platform (docs/performance.md).
+  ``auto``     ``cudnn`` on a GPU with bfloat16/float16 inputs (and heads cuDNN takes),
+               else ``chunked``: the fastest backend verified on each platform
+               (docs/performance.md).
 """
 
 from __future__ import annotations
@@ -45,14 +46,16 @@ def backend_unavailable_reason(impl: str) -> str | None:
     return None
 
 
-def resolve_impl(impl: str, dtype: Any, backend: str | None = None) -> str:
+def resolve_impl(impl: str, dtype: Any, backend: str | None = None, head_dim: int = 64) -> str:
     """The backend ``impl`` runs as for inputs of ``dtype`` on ``backend`` (default: JAX's):
-    ``auto`` becomes ``cudnn`` on a GPU with bfloat16/float16 inputs and ``chunked``
+    ``auto`` becomes ``cudnn`` on a GPU with bfloat16/float16 inputs and heads cuDNN's
+    flash kernels take on any GPU (a multiple of 8, at most 128 wide), and ``chunked``
     elsewhere; any other name is itself."""
     if impl != "auto":
         return impl
     on_gpu = (backend or jax.default_backend()) == "gpu"
-    return "cudnn" if on_gpu and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) else "chunked"
+    half = jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+    return "cudnn" if on_gpu and half and head_dim % 8 == 0 and head_dim <= 128 else "chunked"
 
 
 def attention(
@@ -87,7 +90,7 @@ def attention(
     reason = backend_unavailable_reason(impl)
     if reason:
         raise ValueError(reason)
-    impl = resolve_impl(impl, q.dtype)
+    impl = resolve_impl(impl, q.dtype, head_dim=q.shape[-1])
     if impl == "xla":
         return _xla_attention(q, k, v, mask)
     if impl == "chunked":
