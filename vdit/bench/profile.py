@@ -57,6 +57,16 @@ def hlo_ops(hlo_text: str) -> dict[str, dict]:
     return ops
 
 
+def _trace_events(trace_file: str | pathlib.Path) -> tuple[list[dict], set]:
+    """A perfetto trace's events, and the pids of its accelerator processes (none on a CPU)."""
+    with gzip.open(trace_file) as f:
+        data = json.load(f)
+    events = data["traceEvents"] if isinstance(data, dict) else data
+    device_pids = {e.get("pid") for e in events if e.get("ph") == "M" and e.get("name") == "process_name"
+                   and re.match(r"/device:(GPU|TPU)", str(e.get("args", {}).get("name", "")))}
+    return events, device_pids
+
+
 def trace_op_times(trace_file: str | pathlib.Path) -> tuple[collections.Counter, collections.Counter]:
     """Total microseconds and count per op of a perfetto ``*.trace.json.gz``.
 
@@ -64,11 +74,7 @@ def trace_op_times(trace_file: str | pathlib.Path) -> tuple[collections.Counter,
     count each op twice), named by their ``hlo_op`` where the event carries one
     (GPU kernels are named after the kernel, not the HLO instruction).
     """
-    with gzip.open(trace_file) as f:
-        data = json.load(f)
-    events = data["traceEvents"] if isinstance(data, dict) else data
-    device_pids = {e.get("pid") for e in events if e.get("ph") == "M" and e.get("name") == "process_name"
-                   and re.match(r"/device:(GPU|TPU)", str(e.get("args", {}).get("name", "")))}
+    events, device_pids = _trace_events(trace_file)
     total, count = collections.Counter(), collections.Counter()
     for e in events:
         if e.get("ph") == "X" and "dur" in e and (not device_pids or e.get("pid") in device_pids):
@@ -95,11 +101,7 @@ def kernel_kind(name: str) -> str:
 
 def device_kernel_split(trace_file: str | pathlib.Path, steps: int) -> dict[str, float]:
     """Milliseconds per step of an accelerator trace's kernels by ``kernel_kind``; {} for a CPU trace."""
-    with gzip.open(trace_file) as f:
-        data = json.load(f)
-    events = data["traceEvents"] if isinstance(data, dict) else data
-    device_pids = {e.get("pid") for e in events if e.get("ph") == "M" and e.get("name") == "process_name"
-                   and re.match(r"/device:(GPU|TPU)", str(e.get("args", {}).get("name", "")))}
+    events, device_pids = _trace_events(trace_file)
     split = collections.Counter()
     for e in events:
         if e.get("ph") == "X" and "dur" in e and e.get("pid") in device_pids:
