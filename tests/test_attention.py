@@ -14,9 +14,9 @@ from vdit.attention import (
     apply_rope,
     attention,
     backend_unavailable_reason,
+    resolve_impl,
     rope_angles_3d,
     rope_cos_sin,
-    resolve_impl,
     rope_split,
 )
 

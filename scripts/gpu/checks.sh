@@ -13,8 +13,8 @@
 #   bash scripts/gpu/checks.sh [LOGDIR [PHASE...]]
 #
 # Results: docs/bench/*_gpu.json (render with `vdit bench report ... --docs docs/performance.md`),
-# copied into LOGDIR (default gpu_logs) beside LOGDIR/checks.log, the output of every phase. On a copied tree set VDIT_CODE_VERSION
-# to the commit, so that the results are stamped with it.
+# copied into LOGDIR (default gpu_logs) beside LOGDIR/checks.log, the output of every phase.
+# On a copied tree set VDIT_CODE_VERSION to the commit, so that the results are stamped with it.
 set -u
 logs=${1:-gpu_logs}
 shift || true
