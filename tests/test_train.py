@@ -9,7 +9,7 @@ import pytest
 from vdit import train as T
 from vdit.config import load_config, override
 from vdit.models import build_models
-from vdit.sharding import make_mesh, rules_from_config
+from vdit.sharding import make_mesh, rules_from_config, unbox
 
 MESHES = {
     "data8": {"data": 8},
@@ -72,6 +72,19 @@ def test_sharded_dit_step_equals_single_device(reference, mesh_name):
         np.testing.assert_allclose(a, b, atol=1e-5)
     for a, b in zip(jax.tree.leaves(jax.device_get(state.ema)), jax.tree.leaves(ref_state.ema)):
         np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_init_state_compiled_fast_on_cpu_equals_a_plain_jitted_init():
+    # init_state compiles a small init at LLVM -O0 on CPU (much faster to build): same numbers.
+    config, models = _setup()
+    tx = T.make_optimizer(config.optim, 10)
+    init = T.init_dit_params(models)
+    mesh = make_mesh({"data": 2, "fsdp": 4})
+    state, _ = T.init_state(init, tx, jax.random.PRNGKey(3), mesh, rules_from_config(config.sharding_rules), ema=True)
+    ref = unbox(jax.jit(T.state_initializer(init, tx, ema=True))(jax.random.PRNGKey(3)))
+    assert jax.tree.structure(state) == jax.tree.structure(ref)
+    for a, b in zip(jax.tree.leaves(jax.device_get(state)), jax.tree.leaves(ref)):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
 
 
 def test_large_weights_and_optimizer_state_are_split():

@@ -154,6 +154,14 @@ def state_initializer(init_params: Callable[[jax.Array], Any], tx, *, ema: bool)
     return init
 
 
+# An init is hundreds of small random-number fusions (one set per parameter) that runs once:
+# on CPU, LLVM's optimiser takes most of its compile time. At -O0 the `tiny` VAE's init
+# compiles in 2.9 s instead of 18.9 s and runs in 0.02 s instead of 0.01 s; the unoptimised
+# code fills about 70M values a second, so past ~5e7 values it no longer pays.
+INIT_CPU_OPTIONS = {"xla_backend_optimization_level": 0}
+INIT_FAST_COMPILE_MAX_VALUES = 50_000_000
+
+
 def init_state(init_params: Callable[[jax.Array], Any], tx, key: jax.Array, mesh, rules, *, ema: bool):
     """Builds the train state directly sharded on ``mesh``; returns ``(state, shardings)``.
 
@@ -165,7 +173,10 @@ def init_state(init_params: Callable[[jax.Array], Any], tx, key: jax.Array, mesh
     with activation_sharding(mesh, rules):
         abstract = jax.eval_shape(init, key)
         shardings = logical_to_sharding(abstract, mesh, rules)
-        state = jax.jit(init, out_shardings=shardings)(key)
+        lowered = jax.jit(init, out_shardings=shardings).lower(key)
+    values = sum(x.size for x in jax.tree.leaves(abstract))
+    options = xla_options(mesh, INIT_CPU_OPTIONS if values <= INIT_FAST_COMPILE_MAX_VALUES else None)
+    state = compile_with_options(lowered, options)(key)
     return unbox(state), shardings
 
 
