@@ -53,7 +53,8 @@ def test_two_processes_equal_one_process(data, vae_workdir, tmp_path):  # noqa: 
     shutil.copytree(vae_workdir / "vae", reference / "vae")
     config = tiny(data, "train.steps=6", "train.checkpoint_every=100", "train.eval_every=0")
     train(config, reference, "dit", progress=False)
-    want = jax.tree.leaves(_final_params(reference))
+    paths, want = zip(*[(jax.tree_util.keystr(k), v)
+                        for k, v in jax.tree_util.tree_flatten_with_path(_final_params(reference))[0]])
 
     multi = tmp_path / "multi"
     shutil.copytree(vae_workdir / "vae", multi / "vae")
@@ -68,6 +69,12 @@ def test_two_processes_equal_one_process(data, vae_workdir, tmp_path):  # noqa: 
     got = [np.load(multi / f"params_{i}.npz") for i in range(2)]
     leaves = [[g[f"arr_{j}"] for j in range(len(g.files))] for g in got]
     assert len(leaves[0]) == len(want)
-    for a, b, c in zip(leaves[0], leaves[1], want):
-        np.testing.assert_array_equal(a, b)   # identical across processes
-        np.testing.assert_allclose(a, c, atol=1e-6)  # and equal to one process on 8 devices
+    for path, a, b, c in zip(paths, leaves[0], leaves[1], want):
+        np.testing.assert_array_equal(a, b, err_msg=path)   # identical across processes
+        if path.startswith("['text']") and path.endswith("['attn']['k']['linear']['bias']"):
+            # The text encoder's attention has no q/k norm, and softmax ignores a shift shared by
+            # a query's scores: its key bias's gradient is zero, so Adam moves it only by
+            # rounding noise, which depends on the reduction order.
+            assert np.abs(a).max() < 1e-5 and np.abs(c).max() < 1e-5, path
+            continue
+        np.testing.assert_allclose(a, c, atol=1e-6, err_msg=path)  # and equal to one process on 8 devices
