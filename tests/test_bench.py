@@ -23,6 +23,9 @@ from vdit.config import load_config, override
 from vdit.dit import DiT
 from vdit.models import build_models, param_counts
 
+# Under xdist (`--dist loadgroup`, pyproject.toml) one worker runs the benchmarks of the `results` fixture once.
+pytestmark = pytest.mark.xdist_group("bench")
+
 REPO = pathlib.Path(__file__).parent.parent
 COMMANDS = {
     "train": ["--config", "tiny", "--batch", "2", "--remat", "none,full", "--peer"],

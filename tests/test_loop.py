@@ -18,6 +18,9 @@ from vdit.data.moving_shapes import prepare_moving_shapes
 from vdit.loop import NonFiniteLossError, train
 from vdit.metrics import read_metrics
 
+# Under xdist (`--dist loadgroup`, pyproject.toml) one worker trains the `vae_workdir` fixture's VAE once.
+pytestmark = pytest.mark.xdist_group("loop")
+
 REPO = pathlib.Path(__file__).parent.parent
 
 
