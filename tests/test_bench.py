@@ -17,7 +17,7 @@ from vdit.bench import flops as F
 from vdit.bench import report
 from vdit.bench.attention import memory_exponent
 from vdit.bench.profile import hlo_ops
-from vdit.bench.timing import gemm_peak, measure
+from vdit.bench.timing import gemm_peak, measure, measure_interleaved
 from vdit.cli import main
 from vdit.config import load_config, override
 from vdit.dit import DiT
@@ -314,6 +314,20 @@ def test_timer_and_gemm_peak():
         measure(lambda: None, repeats=0)
     peak = gemm_peak("float32", repeats=1, sizes=(64, 128))
     assert set(peak["by_size"]) == {64, 128} and peak["flops_per_s"] == max(peak["by_size"].values()) > 0
+
+
+def test_interleaved_timer_runs_round_robin():
+    calls = []
+    timings = measure_interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")},
+                                  warmup=1, repeats=3)
+    assert calls == ["a", "b"] * 4  # every round calls each run once, in order
+    assert set(timings) == {"a", "b"} and all(len(t.times) == 3 for t in timings.values())
+    with pytest.raises(ValueError, match="repeats >= 1"):
+        measure_interleaved({"a": lambda: None}, repeats=0)
+    with pytest.raises(ValueError, match="warmup >= 0"):
+        measure_interleaved({"a": lambda: None}, warmup=-1)
+    with pytest.raises(ValueError, match="at least one run"):
+        measure_interleaved({})
 
 
 def test_memory_exponent():

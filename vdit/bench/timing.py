@@ -53,6 +53,30 @@ def measure(run: Callable[[], Any], *, warmup: int = 1, repeats: int = 5) -> Tim
     return Timing(statistics.median(times), min(times), max(times), tuple(times))
 
 
+def measure_interleaved(runs: dict[str, Callable[[], Any]], *, warmup: int = 1,
+                        repeats: int = 5) -> dict[str, Timing]:
+    """Times several ``runs`` round-robin: ``warmup`` untimed rounds, then ``repeats`` timed
+    rounds, each calling every run once in turn (blocking on its result).
+
+    A shared machine's speed drifts from minute to minute (the same CPU train step has
+    measured 20-50% apart within an hour); timing one run after another lets that drift
+    fall between them and skew their ratio. Interleaved, every run sees the same drift,
+    so the ratios hold even when the absolute times move.
+    """
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"need repeats >= 1 and warmup >= 0, got repeats={repeats}, warmup={warmup}")
+    if not runs:
+        raise ValueError("measure_interleaved needs at least one run")
+    times = {name: [] for name in runs}
+    for round_ in range(warmup + repeats):
+        for name, run in runs.items():
+            start = time.perf_counter()
+            jax.block_until_ready(run())
+            if round_ >= warmup:
+                times[name].append(time.perf_counter() - start)
+    return {name: Timing(statistics.median(t), min(t), max(t), tuple(t)) for name, t in times.items()}
+
+
 def compile_timed(jitted, *args, **kwargs):
     """``(compiled, seconds)``: traces, lowers and compiles ``jitted`` for these arguments, timed.
 

@@ -10,6 +10,7 @@ config's ``dit.dtype``.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import functools
@@ -27,7 +28,7 @@ from vdit.bench import flops as F
 from vdit.bench.machine import cpu_cores, spec_peak
 from vdit.bench.memory import memory_stats, train_memory_estimate
 from vdit.bench.profile import format_split, profile_step
-from vdit.bench.timing import compile_timed, gemm_peak, measure
+from vdit.bench.timing import compile_timed, gemm_peak, measure_interleaved
 from vdit.config import override
 from vdit.dit import REMAT_POLICIES, count_params
 from vdit.models import Models, build_models
@@ -65,10 +66,12 @@ def random_batch(dit, batch: int, latent_shape: tuple[int, ...], text_len: int, 
             "text_mask": np.ones((batch, text_len), bool)}
 
 
-def _variant(config, models: Models, batch_np: dict, *, warmup: int, repeats: int,
-             profile_dir: str | None = None) -> dict:
-    """Compiles and times vdit's DiT train step for ``models.dit``'s remat/scan setting
-    (and, with ``profile_dir``, traces three more steps there: ``vdit.bench.profile``)."""
+def _variant(config, models: Models, batch_np: dict) -> dict:
+    """Compiles vdit's DiT train step for ``models.dit``'s remat/scan setting.
+
+    Returns ``{"compile_s", "memory", "num_params", "compiled", "step"}``; ``step()`` runs
+    one step on the same batch, threading the train state through.
+    """
     dit = models.dit
     mesh = make_mesh({"data": 1}, jax.devices()[:1])
     rules = rules_from_config(config.sharding_rules)
@@ -94,13 +97,8 @@ def _variant(config, models: Models, batch_np: dict, *, warmup: int, repeats: in
         holder[0], metrics = compiled(holder[0], batch, None)
         return holder[0], metrics
 
-    timing = measure(one_step, warmup=warmup, repeats=repeats) if repeats else None
-    out = {"compile_s": compile_s, "memory": memory_stats(compiled), "timing": timing, "num_params": num_params}
-    if profile_dir:
-        if not repeats:
-            jax.block_until_ready(one_step())  # the traced steps must not include the first run's setup
-        out["profile"] = profile_step(one_step, compiled.as_text(), profile_dir)
-    return out
+    return {"compile_s": compile_s, "memory": memory_stats(compiled), "num_params": num_params,
+            "compiled": compiled, "step": one_step}
 
 
 def _throughput(step_s: float | None, train_flops: float, tokens: int, peak: float, spec: float | None) -> dict:
@@ -151,9 +149,7 @@ def bench_train(config: ml_collections.ConfigDict, *, batch: int | None = None, 
     tokens = batch * F.tokens_per_example(dit, latent_shape)
     breakdown = F.dit_forward_flops(dit, latent_shape, text_len, batch)
     train_flops = F.TRAIN_FACTOR * sum(breakdown.values())
-    log(f"[train] {tokens} tokens/step ({batch} x {latent_shape}), {train_flops / 1e9:.1f} GFLOP/step"
-        + (f"; measuring the {dtype} GEMM peak" if repeats else ""))
-    gemm = {"xla": gemm_peak(dtype, repeats=max(repeats, 3))} if repeats else {}  # nothing to divide untimed
+    log(f"[train] {tokens} tokens/step ({batch} x {latent_shape}), {train_flops / 1e9:.1f} GFLOP/step")
 
     flop_check = []
     if xcheck:
@@ -167,27 +163,47 @@ def bench_train(config: ml_collections.ConfigDict, *, batch: int | None = None, 
     for remat in remats or [dit.remat]:
         for scan in scans if scans is not None else [dit.scan_layers]:
             variant = dataclasses.replace(models, dit=dit.clone(remat=remat, scan_layers=scan))
-            log(f"[train] remat={remat} scan_layers={scan}: compiling and timing {repeats} steps")
-            pdir = None if profile is None else f"{profile}/{remat}_scan{scan}"
-            out = _variant(config, variant, batch_np, warmup=warmup, repeats=repeats, profile_dir=pdir)
-            if "profile" in out:
-                prof = out.pop("profile")
-                path = pathlib.Path(profile) / f"ops_{remat}_scan{scan}.json"
-                path.write_text(json.dumps(prof, indent=1) + "\n")
-                log(f"[train] remat={remat} scan_layers={scan}: op time per step by phase and kind "
-                    f"({path}; trace {prof['trace']}):\n{format_split(prof)}")
-            step_s = out["timing"].median if out["timing"] else None
-            log(f"[train] remat={remat} scan_layers={scan}: compile {out['compile_s']:.1f} s, "
-                + (f"step {step_s:.4f} s" if step_s else "not timed"))
+            log(f"[train] remat={remat} scan_layers={scan}: compiling")
+            out = _variant(config, variant, batch_np)
+            log(f"[train] remat={remat} scan_layers={scan}: compile {out['compile_s']:.1f} s")
             variants.append((variant.dit, out))
     num_params = variants[0][1]["num_params"]
 
+    # The GEMM peaks (XLA's here, torch's in the peer's setup) are measured just before the
+    # steps, so that they share the machine's state with them; untimed, there is nothing to divide.
+    if repeats:
+        log(f"[train] measuring the {dtype} GEMM peak")
+    gemm = {"xla": gemm_peak(dtype, repeats=max(repeats, 3))} if repeats else {}
     peer_out = None
-    if peer:
-        peer_out = _bench_peer(config, dit, batch_np, warmup=warmup, repeats=repeats, log=log)
-        torch_gemm = peer_out.pop("gemm")
-        if torch_gemm:
-            gemm["torch"] = torch_gemm
+    with contextlib.ExitStack() as stack:
+        runs = {_label(d): out["step"] for d, out in variants}
+        if peer:
+            peer_out = _peer_setup(config, dit, batch_np, repeats=repeats, stack=stack, log=log)
+            runs["peer"] = peer_out.pop("step")
+            torch_gemm = peer_out.pop("gemm")
+            if torch_gemm:
+                gemm["torch"] = torch_gemm
+        timings = {}
+        if repeats:
+            log(f"[train] timing {repeats} rounds of {', '.join(runs)}, interleaved (after {warmup} untimed)")
+            timings = measure_interleaved(runs, warmup=warmup, repeats=repeats)
+    for d, out in variants:
+        out["timing"] = timings.get(_label(d))
+        if out["timing"]:
+            log(f"[train] {_label(d)}: step {out['timing'].median:.4f} s")
+        if profile is not None:
+            if not repeats:
+                jax.block_until_ready(out["step"]())  # the traced steps must not include the first run's setup
+            pdir = f"{profile}/{d.remat}_scan{d.scan_layers}"
+            prof = profile_step(out["step"], out["compiled"].as_text(), pdir)
+            path = pathlib.Path(profile) / f"ops_{d.remat}_scan{d.scan_layers}.json"
+            path.write_text(json.dumps(prof, indent=1) + "\n")
+            log(f"[train] {_label(d)}: op time per step by phase and kind ({path}; trace {prof['trace']}):\n"
+                f"{format_split(prof)}")
+    if peer_out is not None:
+        timing = timings.get("peer")
+        peer_out.update(timing=timing.as_dict() if timing else None, step_s=timing.median if timing else None)
+        log(f"[train] peer: step {timing.median:.4f} s" if timing else "[train] peer: not timed")
     peak = max(g["flops_per_s"] for g in gemm.values()) if gemm else None
     spec = spec_peak(jax.devices()[0].device_kind, dtype)
 
@@ -219,23 +235,25 @@ def bench_train(config: ml_collections.ConfigDict, *, batch: int | None = None, 
     return {"kind": "train", "setup": setup, "flop_check": flop_check, "rows": rows, "peer": peer_out}
 
 
-def _bench_peer(config, dit, batch_np: dict, *, warmup: int, repeats: int, log) -> dict:
-    """Times diffusers' WanTransformer3DModel doing vdit's train step, after proving it is the same network."""
+def _label(dit) -> str:
+    return f"remat={dit.remat} scan_layers={dit.scan_layers}"
+
+
+def _peer_setup(config, dit, batch_np: dict, *, repeats: int, stack: contextlib.ExitStack, log) -> dict:
+    """diffusers' WanTransformer3DModel set up to do vdit's train step, after proving it is the same
+    network; torch keeps XLA's thread count until ``stack`` closes. Returns the result fields
+    plus ``step`` (one train step) and ``gemm`` (torch's GEMM peak, None untimed)."""
     from vdit.bench import peer as P
 
     threads = cpu_cores()
-    with P.torch_threads(threads):
-        model = P.build_peer(dit, seed=config.seed)
-        parity = P.peer_parity(dit, model)
-        log(f"[train] peer: {parity['params_peer']:,} params (vdit {parity['params_vdit']:,}), converted outputs "
-            f"differ by {parity['max_abs_diff']:.1e}; measuring torch's GEMM peak")
-        dtype = str(config.dit.dtype)
-        gemm = P.torch_gemm_peak(dtype, repeats=max(repeats, 3)) if repeats else None
-        step = P.peer_train_step(model, batch_np["latents"], batch_np["text_ids"], optim=config.optim,
-                                 ema_decay=config.train.ema_decay, dtype=dtype)
-        log(f"[train] peer: timing {repeats} diffusers steps on {threads} torch threads")
-        timing = measure(step, warmup=warmup, repeats=repeats) if repeats else None
-    log(f"[train] peer: step {timing.median:.4f} s" if timing else "[train] peer: not timed")
+    stack.enter_context(P.torch_threads(threads))
+    model = P.build_peer(dit, seed=config.seed)
+    parity = P.peer_parity(dit, model)
+    log(f"[train] peer: {parity['params_peer']:,} params (vdit {parity['params_vdit']:,}), converted outputs "
+        f"differ by {parity['max_abs_diff']:.1e}" + ("; measuring torch's GEMM peak" if repeats else ""))
+    dtype = str(config.dit.dtype)
+    gemm = P.torch_gemm_peak(dtype, repeats=max(repeats, 3)) if repeats else None
+    step = P.peer_train_step(model, batch_np["latents"], batch_np["text_ids"], optim=config.optim,
+                             ema_decay=config.train.ema_decay, dtype=dtype)
     return {"library": "diffusers WanTransformer3DModel (torch eager)", "threads": threads, "parity": parity,
-            "timing": timing.as_dict() if timing else None, "step_s": timing.median if timing else None,
-            "gemm": gemm}
+            "timing": None, "step_s": None, "gemm": gemm, "step": step}
