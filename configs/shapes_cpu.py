@@ -14,9 +14,9 @@ def get_config(arg=None):
     del arg
     c = base_config()
     # Two XLA devices, one per core of the 2-core CPU this demo is sized for, each with half
-    # the batch. With remat "dots" below and the vdit command's huge-page malloc, the DiT
-    # trains at 1.23x and the VAE at 1.11x the steps/s of one device, "full" remat and 4 KiB
-    # pages (docs/performance.md).
+    # the batch. With the vdit command's huge-page malloc (and, in those f32 runs, remat
+    # "dots"), the DiT trained at 1.23x and the VAE at 1.11x the steps/s of one device,
+    # "full" remat and 4 KiB pages (docs/performance.md).
     c.cpu_devices = 2
     # The DiT trains on 32 clips a step (the VAE has its own batch). At 16 clips a step it
     # learned direction in some runs only (31% to 100% on train prompts with the same seed);
@@ -28,15 +28,17 @@ def get_config(arg=None):
     # three 44% train, 31% heldout); with words 100% (67%, 59%). Same machine, VAE and
     # DiT; README, Results.
     c.text.update(tokenizer="words", max_length=40, width=128, depth=2, num_heads=4, mlp_ratio=2.0)
-    # remat "dots": each block keeps its matmul outputs for the backward pass rather than
-    # computing the whole block again ("full"): 0.37 s a step against 0.45 s, 130 MiB of
-    # temp buffers against 87 (`vdit bench train --config shapes_cpu --remat full,dots`).
+    # remat "full": with bf16 matmuls, recomputing each block in the backward pass beats
+    # keeping its matmul outputs ("dots") on XLA:CPU: 0.336 s a step against 0.404 s, 138 MiB
+    # of temp buffers against 238; "none" 0.505 s, 790 MiB (2-core Xeon, 2026-12-06,
+    # `vdit bench train --config shapes_cpu --remat full,dots,none --no_xcheck`). Until
+    # 2026-12-06 "dots" saved no bf16 matmul and so ran as "full" (vdit.layers.see_through_matmuls).
     # Matmul operands in bf16, everything else in f32: XLA:CPU runs bf16 x bf16 -> f32
     # matmuls on the CPU's AMX units, 1.39-1.43x the DiT steps/s of f32 (docs/performance.md).
     # Color and shape were learned as in f32; at 16 clips a step direction varied between
     # runs in both (README).
     c.dit.update(in_channels=16, width=192, depth=6, num_heads=6, mlp_dim=768, text_dim=128, freq_dim=128,
-                 scan_layers=True, remat="dots", dtype="bfloat16", activation_dtype="float32")
+                 scan_layers=True, remat="full", dtype="bfloat16", activation_dtype="float32")
     # 1,000 DiT steps: a step of 32 clips costs 1.5-1.8x one of 16, so this is the time of about
     # 1,500 steps of 16 clips (demo 13 min 20 s). Direction is learned by step 1,000 (97.9-100%
     # on train prompts in three 1,000-step runs); shape is the thinnest margin (89.6-100%).

@@ -80,6 +80,24 @@ def test_scan_layers_equals_unrolled():
     )
 
 
+def test_dots_remat_saves_the_same_matmuls_in_bf16_as_in_f32():
+    # A 16-bit matmul is a custom-VJP call (layers.einsum); the "dots" policy must still
+    # save it, or the backward pass recomputes every matmul, as "full" does. (Attention's
+    # batched matmuls are recomputed under "dots" in every dtype, by the policy's design.)
+    x, t, text, mask = _inputs()
+    params = _randomised_params(DiT(**TINY), x, t, text, mask)
+
+    def matmuls_in_gradient(remat, dtype):
+        model = DiT(**TINY, remat=remat, dtype=dtype, activation_dtype="float32")
+        grad = jax.grad(lambda p: jnp.sum(model.apply({"params": p}, x, t, text, mask)))
+        return str(jax.make_jaxpr(grad)(params)).count("dot_general")
+
+    f32, bf16 = ({r: matmuls_in_gradient(r, d) for r in ("none", "dots", "full")} for d in ("float32", "bfloat16"))
+    assert f32["none"] < f32["dots"] < f32["full"]
+    assert bf16["dots"] - bf16["none"] == f32["dots"] - f32["none"]  # the same matmuls recomputed
+    assert bf16["full"] - bf16["none"] == f32["full"] - f32["none"]
+
+
 def test_text_mask_hides_padding_and_text_matters():
     x, t, text, mask = _inputs()
     model = DiT(**TINY)

@@ -105,6 +105,27 @@ def _low_precision_einsum_bwd(spec, out_dtype, res, g):
 _low_precision_einsum.defvjp(_low_precision_einsum_fwd, _low_precision_einsum_bwd)
 
 
+def see_through_matmuls(policy: Callable[..., bool]) -> Callable[..., bool]:
+    """A remat ``policy`` that also judges a custom-VJP call wrapping a single matmul, as
+    ``einsum`` does in 16 bits, by that matmul.
+
+    ``jax.checkpoint`` shows a policy only the ``custom_vjp_call``, never the
+    ``dot_general`` inside it, so ``dots_with_no_batch_dims_saveable`` alone would save
+    none of a bf16 model's matmuls and the backward pass would recompute every one.
+    """
+
+    def judged(prim, *avals, **params):
+        if prim.name == "custom_vjp_call":
+            eqns = params["call_jaxpr"].jaxpr.eqns
+            dots = [e for e in eqns if e.primitive.name == "dot_general"]
+            if len(dots) == 1 and all(e.primitive.name in ("dot_general", "convert_element_type") for e in eqns):
+                dot = dots[0]
+                return policy(dot.primitive, *(v.aval for v in dot.invars), **dot.params)
+        return policy(prim, *avals, **params)
+
+    return judged
+
+
 def _batch_letters(n: int) -> str:
     return string.ascii_letters[26 - n : 26] if n else ""  # ..., x, y, z: clear of i, n, o
 
