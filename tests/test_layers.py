@@ -53,9 +53,13 @@ def test_bf16_einsum_gradient_matmuls_take_bf16_operands():
     assert all(e.params["preferred_element_type"] == jnp.float32 for e in dots)
 
 
-def test_f32_einsum_is_the_plain_einsum():
+def test_f32_einsum_is_the_plain_einsum_forward_and_backward():
     a, b = _operands((2, 5, 8), (8, 6))
     np.testing.assert_array_equal(layers.einsum("yzi,io->yzo", a, b, jnp.float32), jnp.einsum("yzi,io->yzo", a, b))
+    mine = jax.grad(lambda a, b: jnp.sum(jnp.sin(layers.einsum("yzi,io->yzo", a, b, jnp.float32))), (0, 1))(a, b)
+    ref = jax.grad(lambda a, b: jnp.sum(jnp.sin(jnp.einsum("yzi,io->yzo", a, b))), (0, 1))(a, b)
+    for x, y in zip(mine, ref):
+        np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-6)
 
 
 def test_bad_spec_is_a_clear_error():

@@ -47,10 +47,16 @@ def partitioned(init: Initializer, axes: Sequence[str | None]) -> Initializer:
 def einsum(spec: str, a: jax.Array, b: jax.Array, dtype: Dtype, out_dtype: Dtype | None = None) -> jax.Array:
     """``jnp.einsum(spec, a, b)`` on operands cast to ``dtype``, returning ``out_dtype`` (default ``dtype``).
 
-    In float32 this is the plain einsum. In a 16-bit dtype the products accumulate in
-    float32, forward and backward: the cotangent is rounded to ``dtype`` and both
-    gradient matmuls take 16-bit operands too, as a GPU's bf16 GEMMs do. XLA:CPU runs
-    such matmuls (16-bit in, float32 out) on the CPU's bf16 units (AMX on recent Xeons:
+    Products accumulate in float32, forward and backward, and the backward pass is written
+    out (a custom VJP) as two einsums of the same form. In a 16-bit dtype the cotangent is
+    rounded to ``dtype`` and both gradient matmuls take 16-bit operands too, as a GPU's
+    bf16 GEMMs do. In float32 the maths is the plain einsum's; the written-out backward
+    is there for XLA:CPU, which hands its weight gradient ``zi,zo->io`` to YNNPACK with one
+    plain transpose, where JAX's own transpose rule of the same matmul got an Eigen GEMM
+    behind a fusion that recomputes the cotangent while transposing it (the f32 ``bench_cpu``
+    step 2-5% faster on a 2-core Xeon; docs/performance.md, "f32 weight gradients").
+
+    XLA:CPU runs 16-bit matmuls (16-bit in, float32 out) on the CPU's bf16 units (AMX on recent Xeons:
     1.06 against 0.23 TFLOP/s for a 2048 GEMM on a 2-core Xeon), while a matmul with a
     bf16 result, or with one float32 operand, is widened to a float32 GEMM
     (docs/performance.md, "bf16 matmul operands on XLA:CPU").
@@ -65,10 +71,10 @@ def einsum(spec: str, a: jax.Array, b: jax.Array, dtype: Dtype, out_dtype: Dtype
     dtype = jnp.dtype(dtype)
     out_dtype = dtype if out_dtype is None else jnp.dtype(out_dtype)
     a, b = a.astype(dtype), b.astype(dtype)
-    if dtype.itemsize >= 4 or not jnp.issubdtype(dtype, jnp.floating):
+    if dtype.itemsize > 4 or not jnp.issubdtype(dtype, jnp.floating):
         return jnp.einsum(spec, a, b, preferred_element_type=out_dtype)
     _check_spec(spec)
-    return _low_precision_einsum(spec, out_dtype, a, b)
+    return _f32_accumulating_einsum(spec, out_dtype, a, b)
 
 
 @functools.lru_cache(maxsize=None)
@@ -84,15 +90,15 @@ def _check_spec(spec: str) -> None:
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _low_precision_einsum(spec, out_dtype, a, b):
+def _f32_accumulating_einsum(spec, out_dtype, a, b):
     return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32).astype(out_dtype)
 
 
-def _low_precision_einsum_fwd(spec, out_dtype, a, b):
-    return _low_precision_einsum(spec, out_dtype, a, b), (a, b)
+def _f32_accumulating_einsum_fwd(spec, out_dtype, a, b):
+    return _f32_accumulating_einsum(spec, out_dtype, a, b), (a, b)
 
 
-def _low_precision_einsum_bwd(spec, out_dtype, res, g):
+def _f32_accumulating_einsum_bwd(spec, out_dtype, res, g):
     a, b = res
     ins, out = spec.split("->")
     sa, sb = ins.split(",")
@@ -102,7 +108,7 @@ def _low_precision_einsum_bwd(spec, out_dtype, res, g):
     return da, db
 
 
-_low_precision_einsum.defvjp(_low_precision_einsum_fwd, _low_precision_einsum_bwd)
+_f32_accumulating_einsum.defvjp(_f32_accumulating_einsum_fwd, _f32_accumulating_einsum_bwd)
 
 
 def see_through_matmuls(policy: Callable[..., bool]) -> Callable[..., bool]:
