@@ -81,9 +81,9 @@ def test_scan_layers_equals_unrolled():
 
 
 def test_dots_remat_saves_the_same_matmuls_in_bf16_as_in_f32():
-    # A 16-bit matmul is a custom-VJP call (layers.einsum); the "dots" policy must still
-    # save it, or the backward pass recomputes every matmul, as "full" does. (Attention's
-    # batched matmuls are recomputed under "dots" in every dtype, by the policy's design.)
+    # A matmul is a custom-VJP call (layers.einsum); the "dots" policy must still save it,
+    # or the backward pass recomputes every matmul, as "full" does. (Attention's batched
+    # matmuls are recomputed under "dots" in every dtype, by the policy's design.)
     x, t, text, mask = _inputs()
     params = _randomised_params(DiT(**TINY), x, t, text, mask)
 

@@ -27,8 +27,8 @@ from vdit.attention import MultiHeadAttention, rope_angles_3d, rope_cos_sin
 REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
-    # Through see_through_matmuls: a 16-bit ``layers.einsum`` is a custom-VJP call, which
-    # the policy alone would never save.
+    # Through see_through_matmuls: a ``layers.einsum`` is a custom-VJP call, which the
+    # policy alone would never save.
     "dots": layers.see_through_matmuls(jax.checkpoint_policies.dots_with_no_batch_dims_saveable),
 }
 

@@ -112,12 +112,12 @@ _f32_accumulating_einsum.defvjp(_f32_accumulating_einsum_fwd, _f32_accumulating_
 
 
 def see_through_matmuls(policy: Callable[..., bool]) -> Callable[..., bool]:
-    """A remat ``policy`` that also judges a custom-VJP call wrapping a single matmul, as
-    ``einsum`` does in 16 bits, by that matmul.
+    """A remat ``policy`` that also judges a custom-VJP call wrapping a single matmul (every
+    float ``einsum`` is one) by that matmul.
 
     ``jax.checkpoint`` shows a policy only the ``custom_vjp_call``, never the
     ``dot_general`` inside it, so ``dots_with_no_batch_dims_saveable`` alone would save
-    none of a bf16 model's matmuls and the backward pass would recompute every one.
+    none of vdit's matmuls and the backward pass would recompute every one.
     """
 
     def judged(prim, *avals, **params):
