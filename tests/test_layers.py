@@ -129,3 +129,24 @@ def test_f32_dense_equals_flax_dense_in_params_init_and_outputs(use_bias):
     ref_params = Reference().init(jax.random.PRNGKey(3), x)
     jax.tree.map(np.testing.assert_array_equal, params, ref_params)
     np.testing.assert_allclose(ours.apply(params, x), Reference().apply(ref_params, x), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("norm", ["layer", "layer_no_affine", "rms"])
+def test_norms_match_flax_forward_and_backward(norm):
+    # vdit's norms have a written-out backward pass (layers.normalize); flax's are autodiff.
+    x = 3.0 * jax.random.normal(jax.random.PRNGKey(0), (2, 7, 48)) + 1.0
+    g = jax.random.normal(jax.random.PRNGKey(1), x.shape)
+    if norm == "rms":
+        ours, ref = layers.RMSNorm(eps=1e-6), nn.RMSNorm(epsilon=1e-6)
+    else:
+        affine = norm == "layer"
+        ours = layers.LayerNorm(eps=1e-6, use_affine=affine)
+        ref = nn.LayerNorm(epsilon=1e-6, use_bias=affine, use_scale=affine, use_fast_variance=False)
+    params = ref.init(jax.random.PRNGKey(2), x)
+    params = jax.tree.map(lambda p: p + 0.3 * jax.random.normal(jax.random.PRNGKey(3), p.shape), params)
+    results = []
+    for module in (ours, ref):
+        y, vjp = jax.vjp(lambda x, p: module.apply(p, x), x, params)
+        results.append((y, *vjp(g)))
+    for a, b in zip(jax.tree.leaves(results[0]), jax.tree.leaves(results[1])):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
