@@ -29,8 +29,8 @@ def get_config(arg=None):
     # DiT; README, Results.
     c.text.update(tokenizer="words", max_length=40, width=128, depth=2, num_heads=4, mlp_ratio=2.0)
     # remat "full": with bf16 matmuls, recomputing each block in the backward pass beats
-    # keeping its matmul outputs ("dots") on XLA:CPU: 0.336 s a step against 0.404 s, 138 MiB
-    # of temp buffers against 238; "none" 0.505 s, 790 MiB (2-core Xeon, 2026-12-06,
+    # keeping its matmul outputs ("dots") on XLA:CPU: 0.336 s a step against 0.404-0.431 s,
+    # 138 MiB of temp buffers against 238; "none" 0.505 s, 790 MiB (2-core Xeon, 2026-12-06,
     # `vdit bench train --config shapes_cpu --remat full,dots,none --no_xcheck`). Until
     # 2026-12-06 "dots" saved no bf16 matmul and so ran as "full" (vdit.layers.see_through_matmuls).
     # Matmul operands in bf16, everything else in f32: XLA:CPU runs bf16 x bf16 -> f32
