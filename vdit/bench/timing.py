@@ -41,16 +41,7 @@ def measure(run: Callable[[], Any], *, warmup: int = 1, repeats: int = 5) -> Tim
       warmup: untimed calls first (caches, allocator, thread pools).
       repeats: timed calls; the median is robust to a stray slow one.
     """
-    if repeats < 1 or warmup < 0:
-        raise ValueError(f"need repeats >= 1 and warmup >= 0, got repeats={repeats}, warmup={warmup}")
-    for _ in range(warmup):
-        jax.block_until_ready(run())
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(run())
-        times.append(time.perf_counter() - start)
-    return Timing(statistics.median(times), min(times), max(times), tuple(times))
+    return measure_interleaved({"run": run}, warmup=warmup, repeats=repeats)["run"]
 
 
 def measure_interleaved(runs: dict[str, Callable[[], Any]], *, warmup: int = 1,
