@@ -16,19 +16,21 @@ import pytest
 from vdit.bench import flops as F
 from vdit.bench import report
 from vdit.bench.attention import memory_exponent
+from vdit.bench.floor import matmul_floor, step_matmuls
 from vdit.bench.profile import hlo_ops
 from vdit.bench.timing import gemm_peak, measure, measure_interleaved
 from vdit.cli import main
 from vdit.config import load_config, override
 from vdit.dit import DiT
 from vdit.models import build_models, param_counts
+from vdit.sharding import unbox
 
 # Under xdist (`--dist loadgroup`, pyproject.toml) one worker runs the benchmarks of the `results` fixture once.
 pytestmark = pytest.mark.xdist_group("bench")
 
 REPO = pathlib.Path(__file__).parent.parent
 COMMANDS = {
-    "train": ["--config", "tiny", "--batch", "2", "--remat", "none,full", "--peer"],
+    "train": ["--config", "tiny", "--batch", "2", "--remat", "none,full", "--peer", "--floor"],
     "sample": ["--config", "tiny", "--steps", "2"],
     "vae": ["--config", "tiny", "--frames", "9"],
     "attention": ["--config", "tiny", "--seq", "1024,2048"],
@@ -55,6 +57,32 @@ def test_flop_formula_matches_xla_cost_analysis(train):
     check = F.cross_check(models.dit, (2, 8, 8, 4), models.text.max_length, batch=2, train=train)
     # XLA also counts elementwise ops (norms, softmax, GELU): a few percent at width 256.
     assert 1.0 <= check["ratio"] < 1.05, check
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_step_matmuls_run_the_analytic_flops_and_show_what_remat_recomputes(scan):
+    models = _wide_tiny()
+    shape, text_len, batch = (2, 8, 8, 4), models.text.max_length, 2
+    args = [jax.ShapeDtypeStruct(s, d) for s, d in [((batch, *shape), np.float32), ((batch,), np.float32),
+                                                     ((batch, text_len, models.dit.text_dim), np.float32),
+                                                     ((batch, text_len), bool)]]
+    analytic = F.TRAIN_FACTOR * sum(F.dit_forward_flops(models.dit, shape, text_len, batch).values())
+    run = {}
+    for remat in ("none", "dots", "full"):
+        dit = models.dit.clone(remat=remat, scan_layers=scan)
+        params = unbox(jax.eval_shape(dit.init, jax.random.PRNGKey(0), *args)["params"])
+        grad = jax.grad(lambda p, *a: jax.numpy.mean(jax.numpy.square(dit.apply({"params": p}, *a))))
+        counts = step_matmuls(grad, params, *args)
+        run[remat] = (sum(counts.values()), sum(m.flops * n for m, n in counts.items()))
+    depth = models.dit.depth
+    assert run["none"][1] == analytic  # a scan body counts once per layer
+    # `dots` keeps every projection but recomputes the attention's two matmuls, self and cross, per block.
+    assert run["dots"][0] == run["none"][0] + 2 * 2 * depth and analytic < run["dots"][1] < run["full"][1]
+
+
+def test_matmul_floor_refuses_a_step_without_matmuls():
+    with pytest.raises(ValueError, match="no matmul"):
+        matmul_floor(lambda x: x * 2, np.ones(3, np.float32))
 
 
 def test_flop_formula_counts_adaln_per_example():
@@ -128,6 +156,11 @@ def test_train_result(results):
         assert row["state_ratio"] == pytest.approx(1.0, abs=0.01)  # params + 2 moments + EMA, exactly
         assert row["memory"]["temp_bytes"] > 0 and row["mfu_spec"] is None
     assert r["rows"][1]["estimate"]["activation_bytes"] < r["rows"][0]["estimate"]["activation_bytes"]
+    none, full = (row["matmul_floor"] for row in r["rows"])
+    assert none["flops"] == s["train_flops_per_step"] and full["flops"] > none["flops"]  # full recomputes
+    for f in (none, full):
+        share = [t["seconds"] * t["count"] for t in f["top"]]
+        assert 0 < sum(share) <= f["seconds"] * (1 + 1e-9) and share == sorted(share, reverse=True)
     peer = r["peer"]
     assert peer["parity"]["params_peer"] == peer["parity"]["params_vdit"] == s["params"]
     assert peer["threads"] == s["cores"] and peer["step_s"] > 0
@@ -254,6 +287,7 @@ def test_report_renders_results_and_fills_doc_regions(results, tmp_path):
     train = filled.split("<!-- bench:train -->")[1].split("<!-- /bench:train -->")[0]
     assert results["train"]["machine"]["date"] in train and results["train"]["machine"]["cpu"] in train
     assert train.count("\n| vdit |") == 2 and train.count("\n| diffusers |") == 1
+    assert "Matmul floor" in train and train.count("\n| none | False |") == 1
     assert report.update_docs(filled, [results["train"], results["vae"]]) == filled  # idempotent
     with pytest.raises(ValueError, match="no <!-- bench:sample -->"):
         report.update_docs(doc, [results["sample"]])

@@ -48,7 +48,7 @@ def _run(args: argparse.Namespace) -> dict:
         from vdit.bench.train import bench_train
 
         return bench_train(config, batch=args.batch, remats=args.remat, scans=args.scan, peer=args.peer,
-                           xcheck=not args.no_xcheck, profile=args.profile, **common)
+                           xcheck=not args.no_xcheck, profile=args.profile, floor=args.floor, **common)
     if args.kind == "sample":
         from vdit.bench.sample import bench_sample
 
@@ -130,6 +130,8 @@ def add_parser(sub) -> None:
     train.add_argument("--remat", type=_csv(str), help="remat policies to compare, e.g. none,dots,full")
     train.add_argument("--scan", type=_csv(_bool), help="scan over layers settings, e.g. false,true")
     train.add_argument("--peer", action="store_true", help="also time diffusers' WanTransformer3DModel (needs torch)")
+    train.add_argument("--floor", action="store_true",
+                       help="also time each of the step's matmuls alone and sum them: the step's matmul floor")
     train.add_argument("--no_xcheck", action="store_true", help="skip the FLOP cross-check with XLA cost_analysis")
     train.add_argument("--profile", metavar="DIR",
                        help="also trace 3 steps of each variant with jax.profiler into DIR and write "

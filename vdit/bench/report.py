@@ -82,7 +82,30 @@ def _render_train(r: dict) -> str:
         rows.append(["diffusers", "none", "–", "–", _spread(peer["timing"]), _f(peer["tokens_per_s"], ".0f"),
                      _f(peer["model_flops_per_s"], ".4g", k), _f(peer["frac_gemm_peak"], ".1%"),
                      _f(peer["mfu_spec"], ".1%"), "1.00" if peer["step_s"] else "–", "–", "–", "–", "–"])
-    return "\n".join(lines) + "\n\n" + table(header, rows)
+    return "\n".join(lines) + "\n\n" + table(header, rows) + _render_floor(r, unit, k)
+
+
+def _render_floor(r: dict, unit: str, k: float) -> str:
+    rows = [row for row in r["rows"] if row.get("matmul_floor")]
+    if not rows:
+        return ""
+    peer_s = (r.get("peer") or {}).get("step_s")
+    out = ["", "", "Matmul floor (`--floor`): the step's matmuls, each compiled and timed alone on random operands, "
+           "summed. Where matmuls take milliseconds, far above a call's dispatch (tens of microseconds, counted in "
+           "each), no rewrite of the rest of the step can go below it on this backend.", ""]
+    header = ["remat", "scan", "matmuls (distinct)", "GFLOP run", "floor s", unit, "floor / step", "floor ÷ diffusers",
+              "largest share: matmul, ms each x count, " + unit]
+    body = []
+    for row in rows:
+        f = row["matmul_floor"]
+        worst = f["top"][0]
+        body.append([row["remat"], row["scan_layers"], f"{f['count']} ({f['distinct']})", _f(f["flops"], ".1f", 1e-9),
+                     _f(f["seconds"], ".4g"), _f(f["flops_per_s"], ".4g", k),
+                     _f(f["seconds"] / row["step_s"] if row["step_s"] else None, ".0%"),
+                     _f(f["seconds"] / peer_s if peer_s else None, ".3g"),
+                     f"`{worst['label']}`: {worst['seconds'] * 1e3:.3g} ms x {worst['count']}, "
+                     f"{worst['flops_per_s'] * k:.4g}"])
+    return "\n".join(out) + "\n" + table(header, body)
 
 
 def _render_sample(r: dict) -> str:

@@ -25,6 +25,7 @@ import numpy as np
 from vdit import train as T
 from vdit.attention import backend_unavailable_reason
 from vdit.bench import flops as F
+from vdit.bench.floor import matmul_floor
 from vdit.bench.machine import cpu_cores, spec_peak
 from vdit.bench.memory import memory_stats, train_memory_estimate
 from vdit.bench.profile import format_split, profile_step
@@ -69,8 +70,9 @@ def random_batch(dit, batch: int, latent_shape: tuple[int, ...], text_len: int, 
 def _variant(config, models: Models, batch_np: dict) -> dict:
     """Compiles vdit's DiT train step for ``models.dit``'s remat/scan setting.
 
-    Returns ``{"compile_s", "memory", "num_params", "compiled", "step"}``; ``step()`` runs
-    one step on the same batch, threading the train state through.
+    Returns ``{"compile_s", "memory", "num_params", "compiled", "step", "traceable"}``;
+    ``step()`` runs one step on the same batch, threading the train state through;
+    ``traceable`` is the jitted step and abstract arguments to trace it with.
     """
     dit = models.dit
     mesh = make_mesh({"data": 1}, jax.devices()[:1])
@@ -97,8 +99,9 @@ def _variant(config, models: Models, batch_np: dict) -> dict:
         holder[0], metrics = compiled(holder[0], batch, None)
         return holder[0], metrics
 
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), (state, batch))
     return {"compile_s": compile_s, "memory": memory_stats(compiled), "num_params": num_params,
-            "compiled": compiled, "step": one_step}
+            "compiled": compiled, "step": one_step, "traceable": (run.jitted, (*abstract, None))}
 
 
 def _throughput(step_s: float | None, train_flops: float, tokens: int, peak: float, spec: float | None) -> dict:
@@ -112,7 +115,8 @@ def _throughput(step_s: float | None, train_flops: float, tokens: int, peak: flo
 
 def bench_train(config: ml_collections.ConfigDict, *, batch: int | None = None, remats: list[str] | None = None,
                 scans: list[bool] | None = None, warmup: int = 1, repeats: int = 5, peer: bool = False,
-                xcheck: bool = True, profile: str | None = None, log: Callable[[str], Any] = print) -> dict:
+                xcheck: bool = True, profile: str | None = None, floor: bool = False,
+                log: Callable[[str], Any] = print) -> dict:
     """Benchmarks the DiT train step of ``config`` for each remat policy x scan setting.
 
     Args:
@@ -127,6 +131,8 @@ def bench_train(config: ml_collections.ConfigDict, *, batch: int | None = None, 
       xcheck: cross-check the analytic FLOPs against XLA's cost analysis of the unrolled model.
       profile: a directory: also trace each variant's step with ``jax.profiler`` there and
         write ``ops_<remat>_scan<scan>.json``, its op time per phase and kind and its top ops.
+      floor: also measure each variant's matmul floor (``vdit.bench.floor``): its
+        matmuls, each timed alone, summed; timed runs only.
       log: receives one progress line per measurement.
 
     Returns:
@@ -200,6 +206,11 @@ def bench_train(config: ml_collections.ConfigDict, *, batch: int | None = None, 
             path.write_text(json.dumps(prof, indent=1) + "\n")
             log(f"[train] {_label(d)}: op time per step by phase and kind ({path}; trace {prof['trace']}):\n"
                 f"{format_split(prof)}")
+        if floor and repeats:
+            fn, args = out["traceable"]
+            out["floor"] = matmul_floor(fn, *args, warmup=max(warmup, 1), repeats=repeats)
+            log(f"[train] {_label(d)}: matmul floor {out['floor']['seconds']:.4f} s ({out['floor']['count']} "
+                f"matmuls, {out['floor']['flops'] / 1e9:.1f} GFLOP, each timed alone)")
     if peer_out is not None:
         timing = timings.get("peer")
         peer_out.update(timing=timing.as_dict() if timing else None, step_s=timing.median if timing else None)
@@ -220,6 +231,7 @@ def bench_train(config: ml_collections.ConfigDict, *, batch: int | None = None, 
             "memory": out["memory"], "estimate": estimate,
             "temp_ratio": out["memory"]["temp_bytes"] / estimate["temp_bytes"],
             "state_ratio": (out["memory"]["argument_bytes"] - batch_bytes) / estimate["state_bytes"],
+            **({"matmul_floor": out["floor"]} if "floor" in out else {}),
         })
     if peer_out:
         peer_out.update(_throughput(peer_out["step_s"], train_flops, tokens, peak, spec))

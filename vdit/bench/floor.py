@@ -1,0 +1,116 @@
+"""The matmul floor of a step: every matmul it runs, each compiled and timed alone, summed.
+
+A step cannot be faster than its matmuls on the same backend, so the floor bounds what
+any rewrite of the rest (norms, softmax, fusion, scheduling) can gain, and shows the
+matmuls a remat policy recomputes. The matmuls are read from the step's jaxpr (scan
+bodies counted once per iteration, remat recomputation and custom-VJP backward passes
+included) and timed round-robin, as ``dot_general``s of the same shapes, dtypes and
+dimension numbers on random operands. Each runs on the whole device alone, and each
+call's dispatch (tens of microseconds) is in its time: the floor bounds steps whose
+matmuls take milliseconds; on tiny models dispatch dominates and it exceeds the step.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.extend import core as jcore
+
+from vdit.bench.timing import measure_interleaved
+
+
+@dataclasses.dataclass(frozen=True)
+class Matmul:
+    """One distinct ``dot_general`` of a step: operand shapes and dtypes, dimension numbers."""
+
+    lhs: tuple[tuple[int, ...], str]
+    rhs: tuple[tuple[int, ...], str]
+    dimension_numbers: Any
+    preferred_element_type: str | None
+
+    @property
+    def flops(self) -> int:
+        """2 x output elements x contracted length."""
+        (lhs_c, _), (lhs_b, _) = self.dimension_numbers
+        shape = self.lhs[0]
+        contracted = int(np.prod([shape[i] for i in lhs_c]))
+        out = jax.eval_shape(self.fn, *self._abstract())
+        return 2 * int(np.prod(out.shape)) * contracted
+
+    @property
+    def fn(self) -> Callable:
+        pet = None if self.preferred_element_type is None else jnp.dtype(self.preferred_element_type)
+        return functools.partial(jax.lax.dot_general, dimension_numbers=self.dimension_numbers,
+                                 preferred_element_type=pet)
+
+    def _abstract(self):
+        return tuple(jax.ShapeDtypeStruct(s, jnp.dtype(d)) for s, d in (self.lhs, self.rhs))
+
+    def label(self) -> str:
+        (lc, rc), (lb, rb) = self.dimension_numbers
+        return (f"{self.lhs[1]}{list(self.lhs[0])} x {self.rhs[1]}{list(self.rhs[0])}, contract {list(lc)}/{list(rc)}"
+                + (f", batch {list(lb)}/{list(rb)}" if lb else ""))
+
+
+def step_matmuls(fn: Callable, *args) -> collections.Counter:
+    """The ``dot_general``s ``fn(*args)`` runs: a Counter of ``Matmul`` -> times per call.
+
+    Traces ``fn`` (nothing runs). Sub-jaxprs of any primitive (jit, remat, custom VJPs,
+    cond branches) are walked; a scan body counts ``length`` times. A ``while`` loop's trip
+    count is unknown when tracing, so its matmuls count once.
+    """
+    counts: collections.Counter = collections.Counter()
+
+    def walk(jaxpr, times):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "dot_general":
+                lhs, rhs = (v.aval for v in eqn.invars)
+                pet = eqn.params.get("preferred_element_type")
+                counts[Matmul((tuple(lhs.shape), str(lhs.dtype)), (tuple(rhs.shape), str(rhs.dtype)),
+                              eqn.params["dimension_numbers"], None if pet is None else str(jnp.dtype(pet)))] += times
+            inner = times * (eqn.params.get("length", 1) if eqn.primitive.name == "scan" else 1)
+            for value in eqn.params.values():
+                for sub in value if isinstance(value, (tuple, list)) else (value,):
+                    if isinstance(sub, jcore.ClosedJaxpr):
+                        walk(sub.jaxpr, inner)
+                    elif isinstance(sub, jcore.Jaxpr):
+                        walk(sub, inner)
+
+    walk(jax.make_jaxpr(fn)(*args).jaxpr, 1)
+    return counts
+
+
+def matmul_floor(fn: Callable, *args, warmup: int = 1, repeats: int = 5, top: int = 8) -> dict:
+    """Times every distinct matmul of ``fn(*args)`` alone and sums them, each times its count.
+
+    Returns:
+      ``{"seconds", "flops" (all matmul FLOPs run, recomputation included), "count",
+      "distinct", "flops_per_s", "top"}``; ``top`` lists the ``top`` matmuls taking the
+      most of the floor: ``label``, ``count``, ``seconds`` (each), ``flops_per_s``.
+    """
+    counts = step_matmuls(fn, *args)
+    if not counts:
+        raise ValueError("the step runs no matmul: there is no matmul floor to measure")
+    rng = np.random.default_rng(0)
+    runs = {}
+    for i, mm in enumerate(counts):
+        operands = [jnp.asarray(rng.standard_normal(s, np.float32), d) for s, d in (mm.lhs, mm.rhs)]
+        runs[i] = functools.partial(jax.jit(mm.fn), *operands)
+    timings = measure_interleaved(runs, warmup=warmup, repeats=repeats)
+    rows = []
+    for i, (mm, n) in enumerate(counts.items()):
+        each = timings[i].median
+        rows.append({"label": mm.label(), "count": n, "seconds": each, "flops": mm.flops,
+                     "flops_per_s": mm.flops / each})
+    rows.sort(key=lambda r: -r["seconds"] * r["count"])
+    seconds = sum(r["seconds"] * r["count"] for r in rows)
+    flops = sum(r["flops"] * r["count"] for r in rows)
+    return {"seconds": seconds, "flops": flops, "count": sum(counts.values()), "distinct": len(counts),
+            "flops_per_s": flops / seconds, "top": [{k: r[k] for k in ("label", "count", "seconds", "flops_per_s")}
+                                                    for r in rows[:top]]}
