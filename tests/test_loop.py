@@ -51,7 +51,7 @@ def _with_vae(vae_workdir, dest):
     return dest
 
 
-def _final_params(workdir):
+def _final_params(workdir, phase="dit"):
     from vdit.loop import load_params
     from vdit.models import build_models
     from vdit.sharding import make_mesh, rules_from_config
@@ -59,7 +59,7 @@ def _final_params(workdir):
     config = load_config("tiny")
     models = build_models(config)
     mesh = make_mesh({"data": 1}, jax.devices()[:1])
-    return jax.device_get(load_params(workdir, "dit", config, models, mesh,
+    return jax.device_get(load_params(workdir, phase, config, models, mesh,
                                       rules_from_config(config.sharding_rules), ema=False))
 
 
@@ -114,6 +114,26 @@ def test_sigterm_saves_exits_zero_and_relaunch_resumes(data, vae_workdir, tmp_pa
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     steps = [r["step"] for r in read_metrics(workdir / "dit") if "loss" in r]
     assert steps[-2:] == [saved + 1, saved + 2] and steps.count(saved) == 1
+
+
+def test_two_processes_train_the_same_vae_bitwise(data, tmp_path):
+    # As the demo runs it: a fresh process each, two XLA:CPU devices (so a cross-device
+    # gradient reduction), the data loader's threads. Nothing may vary from run to run.
+    root, name = data
+    env = {k: v for k, v in os.environ.items() if k not in ("JAX_NUM_CPU_DEVICES", "XLA_FLAGS")}
+    env["JAX_PLATFORMS"] = "cpu"
+    runs = [tmp_path / "first", tmp_path / "second"]
+    for workdir in runs:
+        cmd = [sys.executable, "-m", "vdit", "train", "--config", "tiny", "--workdir", str(workdir), "--phase", "vae",
+               "--no_progress", f"data.name={name}", f"data.data_dir={root}", "cpu_devices=2", "vae_train.steps=6",
+               "vae_train.checkpoint_every=6", "vae_train.log_every=1"]
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=REPO)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    losses = [[(r["step"], r["loss"], r["grad_norm"]) for r in read_metrics(w / "vae") if "loss" in r] for w in runs]
+    assert losses[0] == losses[1] and len(losses[0]) == 6
+    first, second = (_final_params(w, "vae") for w in runs)
+    for a, b in zip(jax.tree.leaves(first), jax.tree.leaves(second)):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_sample_writes_readable_videos(data, vae_workdir, tmp_path):
