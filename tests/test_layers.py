@@ -143,6 +143,11 @@ def test_gelu_tanh_matches_autodiff_and_keeps_only_its_input(capsys):
     ours = jax.vjp(layers.gelu_tanh, xb)[1](gb)[0]
     assert ours.dtype == jnp.bfloat16
     np.testing.assert_allclose(ours.astype(jnp.float32), truth, rtol=2**-8, atol=2e-5)
+    with jax.enable_x64(True):  # wider inputs keep their precision
+        x64 = jnp.linspace(-5.0, 5.0, 101, dtype=jnp.float64)
+        ours64 = jax.grad(lambda x: jnp.sum(layers.gelu_tanh(x)))(x64)
+        assert ours64.dtype == jnp.float64
+        np.testing.assert_allclose(ours64, jax.grad(lambda x: jnp.sum(ref(x)))(x64), rtol=1e-12, atol=1e-12)
     # What the backward pass keeps: autodiff of the formula keeps four x-sized tensors besides x.
     from jax import ad_checkpoint
     for f, kept in ((layers.gelu_tanh, 1), (ref, 5)):

@@ -407,8 +407,9 @@ def _gelu_tanh_fwd(x):
 
 def _gelu_tanh_bwd(x, g):
     dtype = x.dtype
-    x, g = x.astype(jnp.float32), g.astype(jnp.float32)  # a 16-bit input's derivative in f32, rounded once
-    c = jnp.sqrt(2.0 / jnp.pi).astype(jnp.float32)
+    compute = jnp.promote_types(dtype, jnp.float32)  # a 16-bit input's derivative in f32, rounded once
+    x, g = x.astype(compute), g.astype(compute)
+    c = jnp.sqrt(2.0 / jnp.pi).astype(compute)
     x2 = x * x
     t = jnp.tanh(c * x * (1 + 0.044715 * x2))
     return ((g * (0.5 * (1 + t) + 0.5 * x * (1 - t * t) * c * (1 + 3 * 0.044715 * x2))).astype(dtype),)
