@@ -334,6 +334,9 @@ def test_one_line_errors(capsys, tmp_path):
                                                "on 'cpu'; use 'xla' or 'chunked'")
     assert main(["bench", "train", "--config", "tiny", "--remat", "most"]) == 2
     assert "unknown remat policies ['most']" in capsys.readouterr().err
+    assert main(["bench", "train", "--config", "tiny", "--floor", "--repeats", "0"]) == 2
+    assert capsys.readouterr().err.strip() == ("vdit bench: error: --floor times each matmul of the step: it needs "
+                                               "--repeats >= 1")
     bad = tmp_path / "x.json"
     bad.write_text("{}")
     assert main(["bench", "report", str(bad)]) == 2

@@ -132,7 +132,7 @@ def bench_train(config: ml_collections.ConfigDict, *, batch: int | None = None, 
       profile: a directory: also trace each variant's step with ``jax.profiler`` there and
         write ``ops_<remat>_scan<scan>.json``, its op time per phase and kind and its top ops.
       floor: also measure each variant's matmul floor (``vdit.bench.floor``): its
-        matmuls, each timed alone, summed; timed runs only.
+        matmuls, each timed alone, summed; needs ``repeats >= 1``.
       log: receives one progress line per measurement.
 
     Returns:
@@ -143,6 +143,8 @@ def bench_train(config: ml_collections.ConfigDict, *, batch: int | None = None, 
     reason = backend_unavailable_reason(config.dit.attention_impl)
     if reason:
         raise ValueError(reason)
+    if floor and not repeats:
+        raise ValueError("--floor times each matmul of the step: it needs --repeats >= 1")
     unknown = sorted(set(remats or []) - set(REMAT_POLICIES))
     if unknown:
         raise ValueError(f"unknown remat policies {unknown}; expected some of {sorted(REMAT_POLICIES)}")
@@ -206,7 +208,7 @@ def bench_train(config: ml_collections.ConfigDict, *, batch: int | None = None, 
             path.write_text(json.dumps(prof, indent=1) + "\n")
             log(f"[train] {_label(d)}: op time per step by phase and kind ({path}; trace {prof['trace']}):\n"
                 f"{format_split(prof)}")
-        if floor and repeats:
+        if floor:
             fn, args = out["traceable"]
             out["floor"] = matmul_floor(fn, *args, warmup=max(warmup, 1), repeats=repeats)
             log(f"[train] {_label(d)}: matmul floor {out['floor']['seconds']:.4f} s ({out['floor']['count']} "
