@@ -16,7 +16,7 @@ import pytest
 from vdit.bench import flops as F
 from vdit.bench import report
 from vdit.bench.attention import memory_exponent
-from vdit.bench.floor import matmul_floor, step_matmuls
+from vdit.bench.floor import Matmul, matmul_floor, step_matmuls
 from vdit.bench.profile import hlo_ops
 from vdit.bench.timing import gemm_peak, measure, measure_interleaved
 from vdit.cli import main
@@ -139,6 +139,24 @@ def _check_stamp(result, kind):
     assert m["code"] is None or m["code"].split("+")[0] in report.render(result)
 
 
+def test_matmul_einsum_spec_computes_the_dot_general():
+    # The torch floor runs each matmul as this einsum: it must be the same product, axes in the same order.
+    models = _wide_tiny()
+    args = [jax.ShapeDtypeStruct(s, d) for s, d in [((2, 2, 8, 8, 4), np.float32), ((2,), np.float32),
+                                                     ((2, models.text.max_length, models.dit.text_dim), np.float32),
+                                                     ((2, models.text.max_length), bool)]]
+    params = unbox(jax.eval_shape(models.dit.init, jax.random.PRNGKey(0), *args)["params"])
+    grad = jax.grad(lambda p, *a: jax.numpy.mean(jax.numpy.square(models.dit.apply({"params": p}, *a))))
+    dims = lambda c, b: (c, b)  # noqa: E731
+    odd = [Matmul(((3, 5, 2), "float32"), ((2, 3, 7), "float32"), dims(((2,), (0,)), ((0,), (1,))), None),
+           Matmul(((4, 6, 2, 3), "float32"), ((6, 3, 4), "float32"), dims(((3,), (1,)), ((0, 1), (2, 0))), None)]
+    rng = np.random.default_rng(0)
+    for mm in [*step_matmuls(grad, params, *args), *odd]:
+        a, b = (rng.standard_normal(s).astype(np.float32) for s, _ in (mm.lhs, mm.rhs))
+        want = np.asarray(jax.lax.dot_general(a, b, mm.dimension_numbers, precision="highest"))
+        np.testing.assert_allclose(np.einsum(mm.einsum_spec(), a, b), want, rtol=1e-4, atol=1e-4, err_msg=mm.label())
+
+
 def test_train_result(results):
     r = results["train"]
     _check_stamp(r, "train")
@@ -161,6 +179,9 @@ def test_train_result(results):
     for f in (none, full):
         share = [t["seconds"] * t["count"] for t in f["top"]]
         assert 0 < sum(share) <= f["seconds"] * (1 + 1e-9) and share == sorted(share, reverse=True)
+        # --peer: torch ran the same matmuls
+        torch_share = sum(t["torch_seconds"] * t["count"] for t in f["top"])
+        assert 0 < torch_share <= f["torch_seconds"] * (1 + 1e-9)
     peer = r["peer"]
     assert peer["parity"]["params_peer"] == peer["parity"]["params_vdit"] == s["params"]
     assert peer["threads"] == s["cores"] and peer["step_s"] > 0
@@ -287,7 +308,7 @@ def test_report_renders_results_and_fills_doc_regions(results, tmp_path):
     train = filled.split("<!-- bench:train -->")[1].split("<!-- /bench:train -->")[0]
     assert results["train"]["machine"]["date"] in train and results["train"]["machine"]["cpu"] in train
     assert train.count("\n| vdit |") == 2 and train.count("\n| diffusers |") == 1
-    assert "Matmul floor" in train and train.count("\n| none | False |") == 1
+    assert "Matmul floor" in train and train.count("\n| none | False |") == 1 and "same matmuls in torch s" in train
     assert report.update_docs(filled, [results["train"], results["vae"]]) == filled  # idempotent
     with pytest.raises(ValueError, match="no <!-- bench:sample -->"):
         report.update_docs(doc, [results["sample"]])

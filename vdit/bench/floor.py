@@ -52,6 +52,21 @@ class Matmul:
     def _abstract(self):
         return tuple(jax.ShapeDtypeStruct(s, jnp.dtype(d)) for s, d in (self.lhs, self.rhs))
 
+    def einsum_spec(self) -> str:
+        """The ``einsum`` of this matmul (``"abc,acd->abd"``): output axes in ``dot_general``'s
+        order (batch, then the free axes of lhs, then of rhs), for running it elsewhere."""
+        (lc, rc), (lb, rb) = self.dimension_numbers
+        letters = iter("abcdefghijklmnopqrstuvwxyz")
+        lhs = [next(letters) for _ in self.lhs[0]]
+        rhs = [None] * len(self.rhs[0])
+        for i, j in zip((*lc, *lb), (*rc, *rb)):
+            rhs[j] = lhs[i]
+        rhs = [a or next(letters) for a in rhs]
+        free_l = [a for i, a in enumerate(lhs) if i not in (*lc, *lb)]
+        free_r = [a for j, a in enumerate(rhs) if j not in (*rc, *rb)]
+        out = [lhs[i] for i in lb] + free_l + free_r
+        return f"{''.join(lhs)},{''.join(rhs)}->{''.join(out)}"
+
     def label(self) -> str:
         (lc, rc), (lb, rb) = self.dimension_numbers
         return (f"{self.lhs[1]}{list(self.lhs[0])} x {self.rhs[1]}{list(self.rhs[0])}, contract {list(lc)}/{list(rc)}"
@@ -114,3 +129,25 @@ def matmul_floor(fn: Callable, *args, warmup: int = 1, repeats: int = 5, top: in
     return {"seconds": seconds, "flops": flops, "count": sum(counts.values()), "distinct": len(counts),
             "flops_per_s": flops / seconds, "top": [{k: r[k] for k in ("label", "count", "seconds", "flops_per_s")}
                                                     for r in rows[:top]]}
+
+
+def add_torch_floor(floor: dict, fn: Callable, *args, threads: int, warmup: int = 1, repeats: int = 5) -> dict:
+    """Adds to ``floor`` (``matmul_floor(fn, *args)``'s result) the same matmuls' floor in torch.
+
+    Each distinct matmul runs as ``torch.einsum`` (``vdit.bench.peer.torch_matmul_times``),
+    so the two floors differ only in the GEMMs: XLA's against torch's (oneDNN on a CPU).
+    Call it after every XLA floor of a run: torch's worker threads keep spinning after a
+    call, which slows an XLA matmul timed right after it.
+
+    Adds ``torch_seconds`` (the floor in torch) and, to each ``top`` matmul, its
+    ``torch_seconds`` (each); returns ``floor``.
+    """
+    from vdit.bench.peer import torch_matmul_times
+
+    counts = step_matmuls(fn, *args)
+    times = dict(zip((mm.label() for mm in counts),
+                     torch_matmul_times(list(counts), threads=threads, warmup=warmup, repeats=repeats)))
+    floor["torch_seconds"] = sum(times[mm.label()] * n for mm, n in counts.items())
+    for row in floor["top"]:
+        row["torch_seconds"] = times[row["label"]]
+    return floor

@@ -14,6 +14,7 @@ an EMA update. torch is imported lazily: it is an optional dependency
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -111,6 +112,34 @@ def torch_gemm_peak(dtype: str = "float32", *, repeats: int = 5) -> dict:
         by_size[n] = 2.0 * n**3 / timing.median
     best = max(by_size, key=by_size.get)
     return {"dtype": dtype, "flops_per_s": by_size[best], "n": best, "by_size": by_size}
+
+
+def torch_matmul_times(matmuls: list, *, threads: int, warmup: int = 1, repeats: int = 5) -> list[float]:
+    """Median seconds of each ``vdit.bench.floor.Matmul`` run by ``torch.einsum`` on the peer's device.
+
+    Random operands of the matmul's shapes and dtypes (both cast to their common dtype:
+    torch has no mixed-dtype einsum, and XLA widens such a matmul too); timed
+    round-robin with ``threads`` intra-op threads. The output shape is checked against
+    ``dot_general``'s, so a wrong translation fails rather than times something else.
+    """
+    from vdit.bench.timing import measure_interleaved
+
+    torch, _ = _torch()
+    device = peer_device()
+    gen = torch.Generator().manual_seed(0)
+    runs = {}
+    for i, mm in enumerate(matmuls):
+        dtype = getattr(torch, str(jnp.promote_types(mm.lhs[1], mm.rhs[1])))
+        a, b = (torch.randn(s, generator=gen).to(device=device, dtype=dtype) for s, _ in (mm.lhs, mm.rhs))
+        spec = mm.einsum_spec()
+        want = jax.eval_shape(mm.fn, *(jax.ShapeDtypeStruct(s, jnp.dtype(d)) for s, d in (mm.lhs, mm.rhs))).shape
+        got = tuple(torch.einsum(spec, a, b).shape)
+        if got != tuple(want):
+            raise AssertionError(f"torch.einsum({spec!r}) of {mm.label()} gives shape {got}, dot_general {want}")
+        runs[i] = functools.partial(lambda spec, a, b: _synced(torch, device, torch.einsum(spec, a, b)), spec, a, b)
+    with torch_threads(threads):
+        timings = measure_interleaved(runs, warmup=warmup, repeats=repeats)
+    return [timings[i].median for i in range(len(matmuls))]
 
 
 def _synced(torch, device, out):

@@ -25,7 +25,7 @@ import numpy as np
 from vdit import train as T
 from vdit.attention import backend_unavailable_reason
 from vdit.bench import flops as F
-from vdit.bench.floor import matmul_floor
+from vdit.bench.floor import add_torch_floor, matmul_floor
 from vdit.bench.machine import cpu_cores, spec_peak
 from vdit.bench.memory import memory_stats, train_memory_estimate
 from vdit.bench.profile import format_split, profile_step
@@ -132,7 +132,8 @@ def bench_train(config: ml_collections.ConfigDict, *, batch: int | None = None, 
       profile: a directory: also trace each variant's step with ``jax.profiler`` there and
         write ``ops_<remat>_scan<scan>.json``, its op time per phase and kind and its top ops.
       floor: also measure each variant's matmul floor (``vdit.bench.floor``): its
-        matmuls, each timed alone, summed; needs ``repeats >= 1``.
+        matmuls, each timed alone, summed; needs ``repeats >= 1``. With ``peer``, torch
+        runs the same matmuls too (``floor.add_torch_floor``).
       log: receives one progress line per measurement.
 
     Returns:
@@ -213,6 +214,12 @@ def bench_train(config: ml_collections.ConfigDict, *, batch: int | None = None, 
             out["floor"] = matmul_floor(fn, *args, warmup=max(warmup, 1), repeats=repeats)
             log(f"[train] {_label(d)}: matmul floor {out['floor']['seconds']:.4f} s ({out['floor']['count']} "
                 f"matmuls, {out['floor']['flops'] / 1e9:.1f} GFLOP, each timed alone)")
+    if floor and peer_out is not None:  # torch's floors after all of XLA's (add_torch_floor says why)
+        for d, out in variants:
+            fn, args = out["traceable"]
+            add_torch_floor(out["floor"], fn, *args, threads=peer_out["threads"], warmup=max(warmup, 1),
+                            repeats=repeats)
+            log(f"[train] {_label(d)}: the same matmuls in torch {out['floor']['torch_seconds']:.4f} s")
     if peer_out is not None:
         timing = timings.get("peer")
         peer_out.update(timing=timing.as_dict() if timing else None, step_s=timing.median if timing else None)
