@@ -182,6 +182,8 @@ def test_train_result(results):
         # --peer: torch ran the same matmuls
         torch_share = sum(t["torch_seconds"] * t["count"] for t in f["top"])
         assert 0 < torch_share <= f["torch_seconds"] * (1 + 1e-9)
+        # the tiny DiT's attention is its only batched matmul
+        assert 0 < f["batched_seconds"] < f["seconds"] and 0 < f["batched_torch_seconds"] < f["torch_seconds"]
     peer = r["peer"]
     assert peer["parity"]["params_peer"] == peer["parity"]["params_vdit"] == s["params"]
     assert peer["threads"] == s["cores"] and peer["step_s"] > 0
@@ -309,6 +311,7 @@ def test_report_renders_results_and_fills_doc_regions(results, tmp_path):
     assert results["train"]["machine"]["date"] in train and results["train"]["machine"]["cpu"] in train
     assert train.count("\n| vdit |") == 2 and train.count("\n| diffusers |") == 1
     assert "Matmul floor" in train and train.count("\n| none | False |") == 1 and "same matmuls in torch s" in train
+    assert "of which batched (attention), s: XLA / torch" in train
     assert report.update_docs(filled, [results["train"], results["vae"]]) == filled  # idempotent
     with pytest.raises(ValueError, match="no <!-- bench:sample -->"):
         report.update_docs(doc, [results["sample"]])

@@ -52,6 +52,11 @@ class Matmul:
     def _abstract(self):
         return tuple(jax.ShapeDtypeStruct(s, jnp.dtype(d)) for s, d in (self.lhs, self.rhs))
 
+    @property
+    def batched(self) -> bool:
+        """Whether the matmul has batch axes (in a DiT: attention's, per example and head)."""
+        return bool(self.dimension_numbers[1][0])
+
     def einsum_spec(self) -> str:
         """The ``einsum`` of this matmul (``"abc,acd->abd"``): output axes in ``dot_general``'s
         order (batch, then the free axes of lhs, then of rhs), for running it elsewhere."""
@@ -106,7 +111,8 @@ def matmul_floor(fn: Callable, *args, warmup: int = 1, repeats: int = 5, top: in
 
     Returns:
       ``{"seconds", "flops" (all matmul FLOPs run, recomputation included), "count",
-      "distinct", "flops_per_s", "top"}``; ``top`` lists the ``top`` matmuls taking the
+      "distinct", "flops_per_s", "batched_seconds" (the part in matmuls with batch axes:
+      a DiT's attention scores and outputs), "top"}``; ``top`` lists the ``top`` matmuls taking the
       most of the floor: ``label``, ``count``, ``seconds`` (each), ``flops_per_s``.
     """
     counts = step_matmuls(fn, *args)
@@ -122,13 +128,14 @@ def matmul_floor(fn: Callable, *args, warmup: int = 1, repeats: int = 5, top: in
     for i, (mm, n) in enumerate(counts.items()):
         each = timings[i].median
         rows.append({"label": mm.label(), "count": n, "seconds": each, "flops": mm.flops,
-                     "flops_per_s": mm.flops / each})
+                     "flops_per_s": mm.flops / each, "batched": mm.batched})
     rows.sort(key=lambda r: -r["seconds"] * r["count"])
     seconds = sum(r["seconds"] * r["count"] for r in rows)
     flops = sum(r["flops"] * r["count"] for r in rows)
     return {"seconds": seconds, "flops": flops, "count": sum(counts.values()), "distinct": len(counts),
-            "flops_per_s": flops / seconds, "top": [{k: r[k] for k in ("label", "count", "seconds", "flops_per_s")}
-                                                    for r in rows[:top]]}
+            "flops_per_s": flops / seconds,
+            "batched_seconds": sum(r["seconds"] * r["count"] for r in rows if r["batched"]),
+            "top": [{k: r[k] for k in ("label", "count", "seconds", "flops_per_s")} for r in rows[:top]]}
 
 
 def add_torch_floor(floor: dict, fn: Callable, *args, threads: int, warmup: int = 1, repeats: int = 5) -> dict:
@@ -139,8 +146,8 @@ def add_torch_floor(floor: dict, fn: Callable, *args, threads: int, warmup: int 
     Call it after every XLA floor of a run: torch's worker threads keep spinning after a
     call, which slows an XLA matmul timed right after it.
 
-    Adds ``torch_seconds`` (the floor in torch) and, to each ``top`` matmul, its
-    ``torch_seconds`` (each); returns ``floor``.
+    Adds ``torch_seconds`` (the floor in torch), ``batched_torch_seconds`` and, to each
+    ``top`` matmul, its ``torch_seconds`` (each); returns ``floor``.
     """
     from vdit.bench.peer import torch_matmul_times
 
@@ -148,6 +155,7 @@ def add_torch_floor(floor: dict, fn: Callable, *args, threads: int, warmup: int 
     times = dict(zip((mm.label() for mm in counts),
                      torch_matmul_times(list(counts), threads=threads, warmup=warmup, repeats=repeats)))
     floor["torch_seconds"] = sum(times[mm.label()] * n for mm, n in counts.items())
+    floor["batched_torch_seconds"] = sum(times[mm.label()] * n for mm, n in counts.items() if mm.batched)
     for row in floor["top"]:
         row["torch_seconds"] = times[row["label"]]
     return floor

@@ -94,8 +94,10 @@ def _render_floor(r: dict, unit: str, k: float) -> str:
            "summed. Where matmuls take milliseconds, far above a call's dispatch (tens of microseconds, counted in "
            "each), no rewrite of the rest of the step can go below it on this backend.", ""]
     in_torch = all("torch_seconds" in row["matmul_floor"] for row in rows)
+    batched = all("batched_seconds" in row["matmul_floor"] for row in rows)  # not in results before 2026-12-06
     header = ["remat", "scan", "matmuls (distinct)", "GFLOP run", "floor s", unit, "floor / step", "floor ÷ diffusers",
               *(["same matmuls in torch s", "floor ÷ torch's"] if in_torch else []),
+              *(["of which batched (attention), s" + (": XLA / torch" if in_torch else "")] if batched else []),
               "largest share: matmul, ms each x count, " + unit + ("; in torch, ms each" if in_torch else "")]
     if in_torch:
         out[-2] += (" With `--peer`, torch runs the same matmuls too (`torch.einsum` on operands of the same shapes "
@@ -109,6 +111,8 @@ def _render_floor(r: dict, unit: str, k: float) -> str:
                      _f(f["seconds"] / row["step_s"] if row["step_s"] else None, ".0%"),
                      _f(f["seconds"] / peer_s if peer_s else None, ".3g"),
                      *([_f(f["torch_seconds"], ".4g"), _f(f["seconds"] / f["torch_seconds"], ".3g")] if in_torch else []),
+                     *([_f(f["batched_seconds"], ".4g") + (" / " + _f(f["batched_torch_seconds"], ".4g") if in_torch
+                                                             else "")] if batched else []),
                      f"`{worst['label']}`: {worst['seconds'] * 1e3:.3g} ms x {worst['count']}, "
                      f"{worst['flops_per_s'] * k:.4g}" + (f"; {worst['torch_seconds'] * 1e3:.3g}" if in_torch else "")])
     return "\n".join(out) + "\n" + table(header, body)
