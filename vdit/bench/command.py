@@ -131,7 +131,8 @@ def add_parser(sub) -> None:
     train.add_argument("--scan", type=_csv(_bool), help="scan over layers settings, e.g. false,true")
     train.add_argument("--peer", action="store_true", help="also time diffusers' WanTransformer3DModel (needs torch)")
     train.add_argument("--floor", action="store_true",
-                       help="also time each of the step's matmuls alone and sum them: the step's matmul floor")
+                       help="also time each of the step's matmuls alone and sum them: the step's matmul floor "
+                            "(with --peer, the same matmuls in torch too)")
     train.add_argument("--no_xcheck", action="store_true", help="skip the FLOP cross-check with XLA cost_analysis")
     train.add_argument("--profile", metavar="DIR",
                        help="also trace 3 steps of each variant with jax.profiler into DIR and write "
