@@ -63,6 +63,22 @@ def test_options_preserve_outputs_and_grads(option):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), g1, g0)
 
 
+def test_unrolled_remat_saves_memory():
+    # Unrolled blocks recompute only once their output's cotangent exists
+    # (layers.remat_after_cotangent); with jax.checkpoint alone XLA:CPU ran every block's
+    # recomputation right after the forward pass, and remat saved nothing (81-85 MiB each here).
+    model = dict(TINY, width=256, num_heads=4, mlp_dim=1024, depth=4, text_dim=16)
+    args = [jax.ShapeDtypeStruct(s, d) for s, d in [((2, 4, 16, 16, 4), jnp.float32), ((2,), jnp.float32),
+                                                     ((2, 8, 16), jnp.float32), ((2, 8), jnp.bool_)]]
+    temp = {}
+    for remat in ("none", "dots", "full"):
+        dit = DiT(**model, remat=remat)
+        params = jax.eval_shape(dit.init, jax.random.PRNGKey(0), *args)
+        grad = jax.jit(jax.grad(lambda p, *a, dit=dit: jnp.mean(dit.apply(p, *a) ** 2)))
+        temp[remat] = grad.lower(params, *args).compile().memory_analysis().temp_size_in_bytes
+    assert temp["full"] < 0.5 * temp["none"] and temp["dots"] < 0.6 * temp["none"], temp
+
+
 def test_scan_layers_equals_unrolled():
     from vdit.convert.common import stack_layers
 

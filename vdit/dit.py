@@ -238,11 +238,13 @@ class DiT(nn.Module):
             )(block_kwargs, self.remat, name="blocks")
             h, _ = blocks(h, context, text_mask, mod, rope)
         else:
-            block = DiTBlock
-            if REMAT_POLICIES[self.remat] is not None:
-                block = nn.remat(DiTBlock, policy=REMAT_POLICIES[self.remat])
+            policy = REMAT_POLICIES[self.remat]
             for i in range(self.depth):
-                h = block(**block_kwargs, name=f"blocks_{i}")(h, context, text_mask, mod, rope)
+                if policy is None:
+                    h = DiTBlock(**block_kwargs, name=f"blocks_{i}")(h, context, text_mask, mod, rope)
+                else:  # recomputed in the backward pass, in order (a scan body is in order by itself)
+                    block = nn.remat(DiTBlock, policy=policy)(**block_kwargs, name=f"blocks_{i}")
+                    h = layers.remat_after_cotangent(block, h, context, text_mask, mod, rope)
 
         table = self.param(
             "out_modulation", layers.partitioned(nn.initializers.zeros_init(), (None, "embed")), (2, d),
