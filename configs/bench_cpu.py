@@ -21,9 +21,9 @@ def get_config(arg=None):
                  mid_attention=False, latents_mean=None, latents_std=None)
     c.text.update(max_length=64, width=256, depth=2, num_heads=4, mlp_ratio=2.0)
     # Scanned blocks with `dots` remat: the setting the docs' main train tables were measured with.
-    # Unrolled blocks without remat (--remat none --scan false) are faster on XLA:CPU, in f32 (0.698
-    # against 0.732 s, remat table) and in bf16 (0.417 against 0.507 s), for about twice the temp
-    # memory and 1.5x the compile time (docs/performance.md).
+    # Unrolled blocks are faster on XLA:CPU for 1.6-1.8x the compile time: in f32 with `dots`
+    # (0.725 against 0.762 s, 237 against 285 MiB; remat table) and in bf16 with `full` (0.396
+    # against 0.440 s scanned, 144 against 162 MiB) (docs/performance.md).
     c.dit.update(in_channels=16, width=384, depth=8, num_heads=6, mlp_dim=1536, text_dim=256, freq_dim=256,
                  scan_layers=True, remat="dots")
     c.sample.update(steps=20)
