@@ -21,7 +21,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jax.experimental import multihost_utils
 
-from vdit.checkpoint import Checkpointer, PreemptionGuard
+from vdit.checkpoint import CheckpointMismatch, Checkpointer, PreemptionGuard
 from vdit.sharding import make_mesh
 
 
@@ -223,6 +223,30 @@ def test_missing_checkpoints_errors(tmp_path, mesh):
             os.remove(tmp_path / "run" / str(s) / "commit_success.txt")
         with pytest.raises(RuntimeError, match=r"all checkpoints in .* are unreadable \(steps \[1, 2\]\)"):
             ckpt.restore(_abstract(mesh, state))
+
+
+def test_restoring_into_another_model_names_the_difference_and_falls_back_to_nothing(tmp_path, mesh):
+    state = _state(mesh)
+    target = _abstract(mesh, state)
+    rep = NamedSharding(mesh, P())
+    extra = dict(target.params, extra=jax.ShapeDtypeStruct((3,), jnp.float32, sharding=rep))
+    fewer = {k: v for k, v in target.params.items() if k != "norm"}
+    wider = jax.tree.map(lambda x: x, target.params)
+    wider["dense"]["kernel"] = jax.ShapeDtypeStruct((16, 7), jnp.float32, sharding=target.params["dense"]["kernel"].sharding)
+    with Checkpointer(tmp_path, async_save=False) as ckpt:
+        ckpt.save(1, state)
+        ckpt.save(2, state)
+        cases = [(extra, r"\(params.extra: this model has it, the checkpoint not\)"),
+                 (fewer, r"\(params.norm: the checkpoint has it, this model not\)"),
+                 (wider, r"\(an array of shape \(16, 6\) in the checkpoint is \(16, 7\) in this model\)")]
+        for params, why in cases:
+            with warnings.catch_warnings(record=True) as caught:  # no "restored step 1 instead"
+                warnings.simplefilter("always")
+                with pytest.raises(CheckpointMismatch, match=r"^checkpoint 2 in .* holds another model than the one "
+                                                             r"it is restored into " + why):
+                    ckpt.restore(target.replace(params=params))
+            assert not [w for w in caught if "instead" in str(w.message)]
+        assert ckpt.all_steps() == [1, 2] and ckpt.restore(target)[0] == 2  # nothing was marked unreadable
 
 
 @pytest.mark.parametrize("kind", ["dataset", "dataloader"])

@@ -79,6 +79,20 @@ def test_interrupted_run_equals_uninterrupted(data, vae_workdir, tmp_path):
         np.testing.assert_array_equal(a, b)
 
 
+def test_resuming_with_another_model_names_the_changed_settings(data, vae_workdir, tmp_path):
+    from vdit.checkpoint import CheckpointMismatch
+
+    workdir = _with_vae(vae_workdir, tmp_path / "w")
+    assert train(tiny(data, "train.steps=2", "train.eval_every=0"), workdir, "dit", progress=False)["step"] == 2
+    changed = tiny(data, "train.steps=4", "train.eval_every=0", "dit.scan_layers=true", "dit.remat=full")
+    with pytest.raises(CheckpointMismatch, match=r"holds another model .*: model settings that differ from the run "
+                                                 r"that saved it: dit.remat \"none\" there, \"full\" here; "
+                                                 r"dit.scan_layers false there, true here\. "
+                                                 r"Resume with the settings it was trained with, or train into a new "
+                                                 r"--workdir$"):
+        train(changed, workdir, "dit", progress=False)
+
+
 def test_nonfinite_loss_aborts_naming_step_and_checkpoint(data, vae_workdir, tmp_path):
     config = tiny(data, "train.steps=8", "train.checkpoint_every=2", "optim.lr=1e30", "optim.warmup_steps=0",
                   "optim.clip_norm=1e30", "train.eval_every=0")

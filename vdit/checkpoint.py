@@ -31,6 +31,7 @@ import contextlib
 import gc
 import json
 import logging
+import re
 import signal
 import sys
 import time
@@ -254,11 +255,16 @@ class Checkpointer:
                 result = out["state"], (out["meta"] if "meta" in args else None)
             except Exception as e:  # Orbax/TensorStore raise many types for bad files
                 result = _one_line(e)
-            if isinstance(result, str):
+                if _MISMATCH.search(str(e)):  # not a bad file: the same on every step and process
+                    result = CheckpointMismatch(f"checkpoint {step} in {self.directory} holds another model than "
+                                                f"the one it is restored into ({_mismatch_summary(e)})")
+            if not isinstance(result, tuple):
                 # Outside the except block, so the traceback no longer pins Orbax's abandoned
                 # tasks: collect them now, while their duplicate reports are silenced.
                 time.sleep(0.05)  # in-flight reads of the other arrays finish
                 gc.collect()
+        if isinstance(result, CheckpointMismatch):
+            raise result
         if multi and not _everywhere(not isinstance(result, str)):
             return result if isinstance(result, str) else "unreadable on another process"
         return result
@@ -320,6 +326,29 @@ def _abstract(tree):
         return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
 
     return jax.tree_util.tree_map_with_path(leaf, tree)
+
+
+class CheckpointMismatch(ValueError):
+    """A checkpoint holds another model than the restore target (other tree or shapes):
+    every step would fail alike, so nothing falls back to an older one."""
+
+
+# What Orbax says when the target's tree or an array's shape differs from what was saved.
+_MISMATCH = re.compile(r"tree structures do not match|is not compatible with the stored shape")
+
+
+def _mismatch_summary(e: BaseException) -> str:
+    """The first difference in Orbax's (pages long) mismatch error, in a few words."""
+    text = " ".join(str(e).split())
+    m = re.search(r"do not match: (\S+): - Source: (MISSING)?", text)
+    if m:
+        # Orbax's "Source" is the restore target, its "Target" what is on disk.
+        where = "the checkpoint has it, this model not" if m.group(2) else "this model has it, the checkpoint not"
+        return f"{m.group(1).rstrip(':')}: {where}"
+    m = re.search(r"Requested shape: (\([^)]*\)) is not compatible with the stored shape: (\([^)]*\))", text)
+    if m:
+        return f"an array of shape {m.group(2)} in the checkpoint is {m.group(1)} in this model"
+    return text[:200]
 
 
 def _everywhere(ok: bool) -> bool:

@@ -9,6 +9,7 @@ A workdir holds one run: ``W/vae/`` and ``W/dit/`` each with ``checkpoints/``,
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -24,7 +25,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from vdit import train as T
-from vdit.checkpoint import Checkpointer, PreemptionGuard
+from vdit.checkpoint import CheckpointMismatch, Checkpointer, PreemptionGuard
 from vdit.data.pipeline import make_loader, open_dataset, to_global
 from vdit.metrics import MetricsWriter
 from vdit.models import Models, build_models
@@ -80,7 +81,8 @@ def load_params(workdir: str | pathlib.Path, phase: str, config: ml_collections.
             cmd = f"vdit train --phase {phase} --workdir {workdir}"
             raise FileNotFoundError(f"no {phase} checkpoint in {directory}; train it first: {cmd}")
         target = T.abstract_state(init, tx, mesh, rules, ema=keep_ema)
-        _, state, _ = ckpt.restore(target)
+        with _explain_mismatch(pathlib.Path(workdir) / phase, config, phase):
+            _, state, _ = ckpt.restore(target)
     return state.ema if (ema and state.ema is not None) else state.params
 
 
@@ -195,6 +197,34 @@ def with_latent_stats(config: ml_collections.ConfigDict, workdir: str | pathlib.
     return config
 
 
+# The config sections whose settings shape a phase's checkpoint (the DiT phase trains the text encoder too).
+_MODEL_SECTIONS = {"vae": ("vae",), "dit": ("dit", "text")}
+
+
+@contextlib.contextmanager
+def _explain_mismatch(phase_dir: pathlib.Path, config: ml_collections.ConfigDict, phase: str):
+    """Adds to a ``CheckpointMismatch`` the model settings that differ from the run that saved it
+    (its ``config.json``), and what to do, in one line."""
+    try:
+        yield
+    except CheckpointMismatch as e:
+        changed = []
+        try:
+            saved = json.loads((phase_dir / "config.json").read_text())
+        except (OSError, ValueError):
+            saved = None
+        now = _config_json(config)
+        for section in _MODEL_SECTIONS[phase] if saved else ():
+            old, new = saved.get(section, {}), now.get(section, {})
+            changed += [f"{section}.{k} {json.dumps(old.get(k))} there, {json.dumps(new.get(k))} here"
+                        for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+        hint = (f"model settings that differ from the run that saved it: {'; '.join(changed[:6])}"
+                f"{' and more' if len(changed) > 6 else ''}"
+                if changed else f"no {'/'.join(_MODEL_SECTIONS[phase])} setting differs from its config.json")
+        raise CheckpointMismatch(f"{e}: {hint}. Resume with the settings it was trained with, or train into "
+                                 f"a new --workdir") from None
+
+
 def _config_json(config: ml_collections.ConfigDict) -> dict:
     return json.loads(config.to_json_best_effort())
 
@@ -217,7 +247,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, phase:
     start = 0
     if ckpt.latest_step() is not None:
         target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), run.state, run.shardings)
-        start, run.state, _ = ckpt.restore(target, data_iterator=run.iterator)
+        with _explain_mismatch(phase_dir, config, phase):
+            start, run.state, _ = ckpt.restore(target, data_iterator=run.iterator)
         log.info("resumed %s from step %d", phase, start)
     elif jax.process_index() == 0:
         phase_dir.mkdir(parents=True, exist_ok=True)
