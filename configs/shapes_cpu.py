@@ -8,8 +8,8 @@ def get_config(arg=None):
 
     Sized by measurement on a 2-core CPU (the issue notes hold the sweeps): the VAE
     without residual blocks learns faster per second than deeper ones, trained as a
-    plain L2 autoencoder on 16x16 windows of 17-frame clips; the DiT scans its blocks,
-    which XLA:CPU runs 2x faster than the unrolled backward pass (docs/performance.md).
+    plain L2 autoencoder on 16x16 windows of 17-frame clips; the DiT's blocks are unrolled,
+    each recomputed in the backward pass (docs/performance.md, remat).
     """
     del arg
     c = base_config()
@@ -37,8 +37,12 @@ def get_config(arg=None):
     # matmuls on the CPU's AMX units, 1.39-1.43x the DiT steps/s of f32 (docs/performance.md).
     # Color and shape were learned as in f32; at 16 clips a step direction varied between
     # runs in both (README).
+    # Unrolled blocks: since unrolled remat really recomputes in order (438c9b3), 4.50-4.61
+    # DiT steps/s against 3.67-3.78 scanned (`vdit train` A/B on a finished demo workdir,
+    # 2026-12-06). A workdir trained scanned (before 2026-12-06) resumes with
+    # dit.scan_layers=true.
     c.dit.update(in_channels=16, width=192, depth=6, num_heads=6, mlp_dim=768, text_dim=128, freq_dim=128,
-                 scan_layers=True, remat="full", dtype="bfloat16", activation_dtype="float32")
+                 scan_layers=False, remat="full", dtype="bfloat16", activation_dtype="float32")
     # 1,000 DiT steps: a step of 32 clips costs 1.5-1.8x one of 16, so this is the time of about
     # 1,500 steps of 16 clips (demo 13 min 20 s). Direction is learned by step 1,000 (97.9-100%
     # on train prompts in three 1,000-step runs); shape is the thinnest margin (89.6-100%).
