@@ -74,6 +74,18 @@ def test_sharded_dit_step_equals_single_device(reference, mesh_name):
         np.testing.assert_allclose(a, b, atol=1e-5)
 
 
+@pytest.mark.parametrize("remat", ["full", "dots"])
+def test_sharded_unrolled_remat_step_equals_single_device(reference, remat):
+    # Unrolled remat ties each block's recomputation to its output's cotangent
+    # (layers.remat_after_cotangent); the tie must keep sequence and tensor sharding intact.
+    _, _, batch, ref_state, ref_losses = reference
+    config, models = _setup([f"dit.remat={remat}", "dit.scan_layers=false"])
+    state, losses, _ = _dit_run(config, models, make_mesh(MESHES["fsdp2_context2_tensor2"]), batch)
+    np.testing.assert_allclose(losses, ref_losses, atol=1e-5)
+    for a, b in zip(jax.tree.leaves(jax.device_get(state.params)), jax.tree.leaves(ref_state.params)):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+
+
 def test_init_state_compiled_fast_on_cpu_equals_a_plain_jitted_init():
     # init_state compiles a small init at LLVM -O0 on CPU (much faster to build): same numbers.
     config, models = _setup()
