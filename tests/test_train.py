@@ -5,9 +5,11 @@ import functools
 import jax
 import numpy as np
 import pytest
+from flax import serialization
 
 from vdit import train as T
 from vdit.config import load_config, override
+from vdit.dit import relayout
 from vdit.models import build_models
 from vdit.sharding import make_mesh, rules_from_config, unbox
 
@@ -33,10 +35,13 @@ def _dit_batch(models, config, b=8, seed=0):
             "text_ids": np.where(mask, ids, 0).astype(np.int32), "text_mask": mask}
 
 
-def _dit_run(config, models, mesh, batch, steps=3):
+def _dit_run(config, models, mesh, batch, steps=3, start=None):
     rules = rules_from_config(config.sharding_rules)
     tx = T.make_optimizer(config.optim, 100, config.train.on_nonfinite)
     state, shardings = T.init_state(T.init_dit_params(models), tx, jax.random.PRNGKey(0), mesh, rules, ema=True)
+    if start is not None:  # a given state (as a state dict), in this model's layer layout
+        start = serialization.from_state_dict(state, relayout(start, serialization.to_state_dict(state)))
+        state = jax.tree.map(lambda x, ref: jax.device_put(x, ref.sharding), start, state)
     loss = functools.partial(T.dit_loss, models=models, train=config.train, schedule_cfg=config.schedule,
                              uncond=T.uncond_tokens(models.text.max_length))
     traces = []
@@ -84,6 +89,27 @@ def test_sharded_unrolled_remat_step_equals_single_device(reference, remat):
     np.testing.assert_allclose(losses, ref_losses, atol=1e-5)
     for a, b in zip(jax.tree.leaves(jax.device_get(state.params)), jax.tree.leaves(ref_state.params)):
         np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_scanned_dit_trains_like_the_unrolled_one():
+    # scan_layers stacks the blocks' params on a leading axis; training must not notice: the same
+    # updates, and weight decay on the same matrices (not on the stacked biases and norm scales).
+    extra = ["optim.lr=1e-2", "optim.warmup_steps=0", "optim.weight_decay=1.0"]
+    mesh = make_mesh({"data": 1}, jax.devices()[:1])
+    config, models = _setup([*extra, "dit.scan_layers=false"])
+    batch = _dit_batch(models, config)
+    start, _, _ = _dit_run(config, models, mesh, batch, steps=0)
+    start = serialization.to_state_dict(jax.device_get(start))
+    unrolled, ref_losses, _ = _dit_run(config, models, mesh, batch, steps=2, start=start)
+    config, models = _setup([*extra, "dit.scan_layers=true"])
+    scanned, losses, _ = _dit_run(config, models, mesh, batch, steps=2, start=start)
+    assert "blocks" in scanned.params["dit"] and "blocks_0" not in scanned.params["dit"]
+    np.testing.assert_allclose(losses, ref_losses, rtol=1e-6)
+    ref = serialization.to_state_dict(jax.device_get(unrolled))
+    got = relayout(serialization.to_state_dict(jax.device_get(scanned)), ref)
+    assert jax.tree.structure(got) == jax.tree.structure(ref)
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(ref)):
+        np.testing.assert_allclose(a, b, atol=2e-6, err_msg=jax.tree_util.keystr(path))
 
 
 def test_init_state_compiled_fast_on_cpu_equals_a_plain_jitted_init():

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import functools
 import math
+import re
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -262,3 +264,80 @@ class DiT(nn.Module):
 def count_params(params) -> int:
     """Total number of parameter scalars in a (possibly boxed) pytree."""
     return int(sum(np.prod(x.shape) for x in jax.tree.leaves(nn.meta.unbox(params))))
+
+
+# Where a DiT's blocks keep their params: stacked on a leading ``layers`` axis under
+# ``blocks/block`` (``scan_layers``), or one subtree per block.
+_SCANNED, _SCAN_BODY = "blocks", "block"
+_UNROLLED = re.compile(r"blocks_(\d+)")
+
+
+def layers_stacked(path) -> bool:
+    """Whether the leaf at ``path`` (a ``jax.tree_util`` key path) is a scanned DiT's stack of
+    per-block params, whose leading axis is the block index."""
+    keys = [getattr(k, "key", None) for k in path]
+    return any(a == _SCANNED and b == _SCAN_BODY for a, b in zip(keys, keys[1:]))
+
+
+def relayout(tree, like):
+    """``tree`` with every DiT's blocks in the layout they have in ``like``.
+
+    ``scan_layers`` changes where the blocks' params live, not what they are: stacked under
+    ``blocks/block`` or one ``blocks_<i>`` per block. Both arguments are nested dicts (params,
+    or a whole train state as a state dict: the optimizer's moments and the EMA follow the
+    params); leaves are arrays, tracers or ``jax.ShapeDtypeStruct``s, and only ``like``'s
+    keys are read. Subtrees that differ in other ways (another depth) are left as they are,
+    for the restore that follows to name the difference.
+    """
+    if not isinstance(tree, Mapping) or not isinstance(like, Mapping):
+        return tree
+    out = dict(tree)
+    like_depth = _unrolled_depth(like)
+    if _is_scanned(out) and like_depth and not _is_scanned(like):
+        stack = out.pop(_SCANNED)[_SCAN_BODY]
+        if {_leading(x) for x in jax.tree.leaves(stack)} == {like_depth}:
+            out.update({f"blocks_{i}": jax.tree.map(lambda x, i=i: _take(x, i), stack) for i in range(like_depth)})
+        else:
+            out[_SCANNED] = {_SCAN_BODY: stack}
+    elif _unrolled_depth(out) and _is_scanned(like) and not _unrolled_depth(like):
+        depth = _unrolled_depth(out)
+        blocks = [out.pop(f"blocks_{i}") for i in range(depth)]
+        out[_SCANNED] = {_SCAN_BODY: jax.tree.map(lambda *xs: _stack(xs), *blocks)}
+    return {k: relayout(v, like[k]) if k in like else v for k, v in out.items()}
+
+
+def _is_scanned(node: Mapping) -> bool:
+    body = node.get(_SCANNED)
+    return isinstance(body, Mapping) and set(body) == {_SCAN_BODY}
+
+
+def _unrolled_depth(node: Mapping) -> int:
+    """The number of ``blocks_<i>`` in ``node`` when they run 0..n-1 (else 0)."""
+    found = {int(m.group(1)) for k in node if isinstance(k, str) and (m := _UNROLLED.fullmatch(k))}
+    return len(found) if found == set(range(len(found))) else 0
+
+
+def _leading(x) -> int | None:
+    return x.shape[0] if getattr(x, "shape", ()) else None
+
+
+def _stack(xs):
+    x = xs[0]
+    if isinstance(x, jax.ShapeDtypeStruct):
+        return jax.ShapeDtypeStruct((len(xs), *x.shape), x.dtype, sharding=_layers_spec(x.sharding, add=True))
+    return jnp.stack(xs)
+
+
+def _take(x, i: int):
+    if isinstance(x, jax.ShapeDtypeStruct):
+        return jax.ShapeDtypeStruct(x.shape[1:], x.dtype, sharding=_layers_spec(x.sharding, add=False))
+    return x[i]
+
+
+def _layers_spec(sharding, *, add: bool):
+    """``sharding`` with a replicated leading (layers) axis added or dropped."""
+    if not isinstance(sharding, jax.sharding.NamedSharding):
+        return sharding  # single-device and the like fit any shape
+    spec = tuple(sharding.spec)
+    spec = (None, *spec) if add else spec[1:]
+    return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*spec))

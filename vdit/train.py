@@ -21,6 +21,7 @@ import numpy as np
 import optax
 
 from vdit import schedule as sched
+from vdit.dit import layers_stacked
 from vdit.models import Models
 from vdit.sharding import activation_sharding, batch_sharding, logical_to_sharding, replicated, unbox
 from vdit.vae import CausalVAE
@@ -58,7 +59,9 @@ def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int, on_nonfin
     """
     if on_nonfinite not in ("abort", "skip"):
         raise ValueError(f"unknown on_nonfinite {on_nonfinite!r}; expected 'abort' or 'skip'")
-    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)  # noqa: E731
+    # A matrix per block: a scanned DiT stacks its blocks' biases and norm scales into matrices.
+    decay_mask = lambda params: jax.tree_util.tree_map_with_path(  # noqa: E731
+        lambda path, p: p.ndim - layers_stacked(path) >= 2, params)
     tx = optax.chain(
         optax.clip_by_global_norm(optim.clip_norm),
         optax.adamw(learning_rate(optim, total_steps), b1=optim.b1, b2=optim.b2, weight_decay=optim.weight_decay,
