@@ -161,6 +161,50 @@ def test_restore_onto_another_mesh(tmp_path, mesh, target):
     assert {s.data.shape for s in restored.params["dense"]["kernel"].addressable_shards} == {(rows, 6)}
 
 
+def test_dit_state_restores_into_the_other_layer_layout_on_another_mesh(tmp_path):
+    # scan_layers stacks the blocks' params (and their Adam moments and EMA); a checkpoint of
+    # either layout restores into the other, re-sharded, with every number unchanged.
+    from flax import serialization
+
+    from vdit import train as T
+    from vdit.config import load_config, override
+    from vdit.dit import relayout
+    from vdit.models import build_models
+    from vdit.sharding import rules_from_config
+
+    def setup(scan, mesh_axes):
+        config = override(load_config("tiny"), [f"dit.scan_layers={scan}", "dit.depth=3"])
+        tx = T.make_optimizer(config.optim, 10)
+        return T.init_dit_params(build_models(config)), tx, make_mesh(mesh_axes), rules_from_config(config.sharding_rules)
+
+    init, tx, mesh, rules = setup("false", {"fsdp": 4, "tensor": 2})
+    state, _ = T.init_state(init, tx, jax.random.PRNGKey(0), mesh, rules, ema=True)
+    with Checkpointer(tmp_path / "unrolled", async_save=False) as ckpt:
+        ckpt.save(3, state)
+    init, tx, mesh, rules = setup("true", {"data": 2, "fsdp": 2, "tensor": 2})
+    target = T.abstract_state(init, tx, mesh, rules, ema=True)
+    with Checkpointer(tmp_path / "unrolled") as ckpt:
+        with pytest.raises(CheckpointMismatch):  # without relayout: another tree
+            ckpt.restore(target)
+        _, scanned, _ = ckpt.restore(target, relayout=relayout)
+    assert scanned.params["dit"]["blocks"]["block"]["mlp"]["fc1"]["linear"]["kernel"].shape == (3, 32, 64)
+    for got, want in zip(jax.tree.leaves(scanned), jax.tree.leaves(target)):
+        assert got.sharding == want.sharding and got.shape == want.shape
+    host = serialization.to_state_dict(jax.device_get(state))
+    expected = relayout(host, serialization.to_state_dict(target))
+    _assert_equal(serialization.to_state_dict(jax.device_get(scanned)), expected)
+
+    with Checkpointer(tmp_path / "scanned", async_save=False) as ckpt:
+        ckpt.save(4, scanned)
+    init, tx, mesh, rules = setup("false", {"fsdp": 8})
+    target = T.abstract_state(init, tx, mesh, rules, ema=True)
+    with Checkpointer(tmp_path / "scanned") as ckpt:
+        _, unrolled, _ = ckpt.restore(target, relayout=relayout)
+    for got, want in zip(jax.tree.leaves(unrolled), jax.tree.leaves(target)):
+        assert got.sharding == want.sharding
+    _assert_equal(serialization.to_state_dict(jax.device_get(unrolled)), host)
+
+
 def _corrupt(path, how):
     if how == "no_commit_marker":
         os.remove(path / "commit_success.txt")

@@ -36,7 +36,7 @@ import signal
 import sys
 import time
 import warnings
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import grain
 import jax
@@ -192,7 +192,8 @@ class Checkpointer:
 
     # -- restore ------------------------------------------------------------------------
 
-    def restore(self, abstract_state, *, step: int | None = None, data_iterator=None) -> tuple[int, Any, dict | None]:
+    def restore(self, abstract_state, *, step: int | None = None, data_iterator=None,
+                relayout: Callable[[Any, Any], Any] | None = None) -> tuple[int, Any, dict | None]:
         """Restores a checkpoint onto the shardings in ``abstract_state``.
 
         Args:
@@ -200,6 +201,9 @@ class Checkpointer:
             ``.sharding`` (or concrete arrays, whose shardings are used); any mesh works.
           step: the step to restore; default the latest readable one.
           data_iterator: a Grain iterator whose state is set to the saved position.
+          relayout: ``(tree, like) -> tree`` in the layout of ``like``, for states saved in
+            another layout of the same numbers (``vdit.dit.relayout``: scanned or unrolled
+            blocks). The step is read in its own layout, then converted on the devices.
 
         Returns:
           ``(step, state, metadata)``; ``metadata`` is None when none was saved.
@@ -218,7 +222,7 @@ class Checkpointer:
         target = serialization.to_state_dict(_abstract(abstract_state))
         failed: list[tuple[int, str]] = []
         for s in [int(step)] if step is not None else steps[::-1]:
-            result = self._attempt(s, target, data_iterator)
+            result = self._attempt(s, target, data_iterator, relayout)
             if isinstance(result, str):
                 self._unreadable.add(s)
                 failed.append((s, result))
@@ -234,7 +238,7 @@ class Checkpointer:
         raise RuntimeError(f"all checkpoints in {self.directory} are unreadable (steps {steps}); "
                            f"latest error: {failed[0][1]}")
 
-    def _attempt(self, step: int, target, data_iterator) -> tuple[Any, dict | None] | str:
+    def _attempt(self, step: int, target, data_iterator, relayout=None) -> tuple[Any, dict | None] | str:
         """Restores ``step``, or returns the one-line reason it is unreadable.
 
         With several processes, every process must reach the same verdict, or they would
@@ -244,6 +248,9 @@ class Checkpointer:
         on (those processes leave Orbax's barriers early); pass ``step=`` to skip it.
         """
         multi = jax.process_count() > 1
+        wanted = target
+        if relayout is not None and (saved := self._saved_tree(step)) is not None:
+            target = relayout(target, saved)
         args, problem = self._plan(step, target, data_iterator)
         if multi and not _everywhere(problem is None):
             return problem or "unreadable on another process"
@@ -267,7 +274,19 @@ class Checkpointer:
             raise result
         if multi and not _everywhere(not isinstance(result, str)):
             return result if isinstance(result, str) else "unreadable on another process"
+        if isinstance(result, tuple) and jax.tree.structure(target) != jax.tree.structure(wanted):
+            log.info("checkpoint %d holds the state in another layout; converting it", step)
+            shardings = jax.tree.map(lambda t: t.sharding, wanted)
+            convert = jax.jit(lambda tree: relayout(tree, wanted), out_shardings=shardings)
+            result = convert(result[0]), result[1]
         return result
+
+    def _saved_tree(self, step: int) -> dict | None:
+        """The nested keys of step's saved state (leaves: Orbax array metadata), or None if unreadable."""
+        try:
+            return ocp.StandardCheckpointHandler().metadata(self.directory / str(step) / "state").tree
+        except Exception:  # an unreadable step: the restore attempt says why
+            return None
 
     def _plan(self, step: int, target, data_iterator) -> tuple[dict, str | None]:
         """Orbax restore args for ``step`` and the first problem cheap checks find (or None)."""

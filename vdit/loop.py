@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from vdit import train as T
 from vdit.checkpoint import CheckpointMismatch, Checkpointer, PreemptionGuard
+from vdit.dit import relayout
 from vdit.data.pipeline import make_loader, open_dataset, to_global
 from vdit.metrics import MetricsWriter
 from vdit.models import Models, build_models
@@ -82,7 +83,7 @@ def load_params(workdir: str | pathlib.Path, phase: str, config: ml_collections.
             raise FileNotFoundError(f"no {phase} checkpoint in {directory}; train it first: {cmd}")
         target = T.abstract_state(init, tx, mesh, rules, ema=keep_ema)
         with _explain_mismatch(pathlib.Path(workdir) / phase, config, phase):
-            _, state, _ = ckpt.restore(target)
+            _, state, _ = ckpt.restore(target, relayout=_RELAYOUT[phase])
     return state.ema if (ema and state.ema is not None) else state.params
 
 
@@ -199,6 +200,10 @@ def with_latent_stats(config: ml_collections.ConfigDict, workdir: str | pathlib.
 
 # The config sections whose settings shape a phase's checkpoint (the DiT phase trains the text encoder too).
 _MODEL_SECTIONS = {"vae": ("vae",), "dit": ("dit", "text")}
+# A DiT checkpoint restores into either layer layout (scanned or unrolled blocks).
+_RELAYOUT = {"vae": None, "dit": relayout}
+# Settings a checkpoint does not depend on: left out of a mismatch's list of differences.
+_NOT_IN_CHECKPOINT = {"dit": {"remat", "scan_layers", "attention_impl"}}
 
 
 @contextlib.contextmanager
@@ -217,7 +222,8 @@ def _explain_mismatch(phase_dir: pathlib.Path, config: ml_collections.ConfigDict
         for section in _MODEL_SECTIONS[phase] if saved else ():
             old, new = saved.get(section, {}), now.get(section, {})
             changed += [f"{section}.{k} {json.dumps(old.get(k))} there, {json.dumps(new.get(k))} here"
-                        for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+                        for k in sorted(set(old) | set(new))
+                        if old.get(k) != new.get(k) and k not in _NOT_IN_CHECKPOINT.get(section, ())]
         hint = (f"model settings that differ from the run that saved it: {'; '.join(changed[:6])}"
                 f"{' and more' if len(changed) > 6 else ''}"
                 if changed else f"no {'/'.join(_MODEL_SECTIONS[phase])} setting differs from its config.json")
@@ -248,7 +254,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, phase:
     if ckpt.latest_step() is not None:
         target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), run.state, run.shardings)
         with _explain_mismatch(phase_dir, config, phase):
-            start, run.state, _ = ckpt.restore(target, data_iterator=run.iterator)
+            start, run.state, _ = ckpt.restore(target, data_iterator=run.iterator, relayout=_RELAYOUT[phase])
         log.info("resumed %s from step %d", phase, start)
     elif jax.process_index() == 0:
         phase_dir.mkdir(parents=True, exist_ok=True)
