@@ -441,6 +441,34 @@ def _worker(process_id: int, port: int, workdir: str):
             stop = next((s for s in range(5, 500) if ckpt.should_stop(s, guard) or time.sleep(0.01)), -1)
             assert stop > 0 and not guard.requested
             assert len(set(multihost_utils.process_allgather(np.int32(stop)).tolist())) == 1
+
+    # A DiT state saved with unrolled blocks restores scanned, each process converting its shards.
+    from flax import serialization
+
+    from vdit import train as T
+    from vdit.config import load_config, override
+    from vdit.dit import relayout
+    from vdit.models import build_models
+    from vdit.sharding import rules_from_config
+
+    def dit_setup(scan):
+        config = override(load_config("tiny"), [f"dit.scan_layers={scan}"])
+        init, tx = T.init_dit_params(build_models(config)), T.make_optimizer(config.optim, 10)
+        return init, tx, rules_from_config(config.sharding_rules)
+
+    init, tx, rules = dit_setup("false")
+    unrolled, _ = T.init_state(init, tx, jax.random.PRNGKey(0), mesh, rules, ema=False)
+    with Checkpointer(os.path.join(workdir, "layout"), async_save=False) as ckpt:
+        ckpt.save(1, unrolled)
+        init, tx, rules = dit_setup("true")
+        target = T.abstract_state(init, tx, make_mesh({"fsdp": 8}), rules, ema=False)
+        _, scanned, _ = ckpt.restore(target, relayout=relayout)
+    like = serialization.to_state_dict(target)
+    expected = jax.jit(lambda t: relayout(t, like))(serialization.to_state_dict(unrolled))
+    got = serialization.to_state_dict(scanned)
+    assert jax.tree.structure(got) == jax.tree.structure(expected)
+    for a, b in zip(gathered(got), gathered(expected)):
+        np.testing.assert_array_equal(a, b)
     print("WORKER OK", process_id, stop, flush=True)
 
 
