@@ -63,6 +63,16 @@ def _final_params(workdir, phase="dit"):
                                       rules_from_config(config.sharding_rules), ema=False))
 
 
+def _losses(workdir):
+    """The ``(step, loss)`` pairs the DiT run in ``workdir`` logged."""
+    return [(r["step"], r["loss"]) for r in read_metrics(workdir / "dit") if "loss" in r]
+
+
+def _assert_same_params(a, b, atol=0.0):
+    for x, y in zip(jax.tree.leaves(_final_params(a)), jax.tree.leaves(_final_params(b)), strict=True):
+        np.testing.assert_allclose(x, y, atol=atol, rtol=0)
+
+
 def test_interrupted_run_equals_uninterrupted(data, vae_workdir, tmp_path):
     config = tiny(data, "train.steps=12", "train.checkpoint_every=100", "train.eval_every=0")
     straight = _with_vae(vae_workdir, tmp_path / "straight")
@@ -73,10 +83,8 @@ def test_interrupted_run_equals_uninterrupted(data, vae_workdir, tmp_path):
     assert train(config, resumed, "dit", stop_after=4, progress=False)["step"] == 9
     assert train(config, resumed, "dit", progress=False) ["step"] == 12
 
-    losses = lambda w: [(r["step"], r["loss"]) for r in read_metrics(w / "dit") if "loss" in r]  # noqa: E731
-    assert losses(resumed) == losses(straight) and len(losses(straight)) == 12  # bit-identical, every step
-    for a, b in zip(jax.tree.leaves(_final_params(resumed)), jax.tree.leaves(_final_params(straight))):
-        np.testing.assert_array_equal(a, b)
+    assert _losses(resumed) == _losses(straight) and len(_losses(straight)) == 12  # bit-identical, every step
+    _assert_same_params(resumed, straight)
 
 
 def test_resuming_with_another_model_names_the_changed_settings(data, vae_workdir, tmp_path):
@@ -104,11 +112,9 @@ def test_resume_and_load_across_scan_layers(data, vae_workdir, tmp_path):
     scanned = override(config, ["dit.scan_layers=true", "dit.remat=full"])
     assert train(scanned, switched, "dit", progress=False)["step"] == 4
 
-    losses = lambda w: [r["loss"] for r in read_metrics(w / "dit") if "loss" in r]  # noqa: E731
-    assert len(losses(switched)) == 4
-    np.testing.assert_allclose(losses(switched), losses(straight), rtol=1e-5)
-    for a, b in zip(jax.tree.leaves(_final_params(switched)), jax.tree.leaves(_final_params(straight))):
-        np.testing.assert_allclose(a, b, atol=1e-5)
+    assert [s for s, _ in _losses(switched)] == [1, 2, 3, 4]
+    np.testing.assert_allclose(np.array(_losses(switched)), np.array(_losses(straight)), rtol=1e-5)
+    _assert_same_params(switched, straight, atol=1e-5)
 
 
 def test_nonfinite_loss_aborts_naming_step_and_checkpoint(data, vae_workdir, tmp_path):
