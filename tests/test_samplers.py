@@ -214,6 +214,21 @@ def test_ddim_eta_uses_explicit_key():
     np.testing.assert_array_equal(run(noise, jax.random.key(0), **kw), run(noise, jax.random.key(1), **kw))
 
 
+def test_ddim_eta_noise_of_a_row_does_not_depend_on_the_batch():
+    noise = jax.random.normal(jax.random.key(6), (3, DIM))
+    kw = dict(schedule=VP_EPS_COS, sampler="ddim", num_steps=5, eta=1.0)
+    keys = jax.random.split(jax.random.key(0), 3)
+    full = run(noise, keys, **kw)
+    np.testing.assert_allclose(run(noise[1:], keys[1:], **kw), full[1:], atol=1e-6)
+    np.testing.assert_allclose(run(noise[2:], keys[2:], **kw), full[2:], atol=1e-6)
+    # One key stands for the keys folded with each row's index; raw uint32 keys work too.
+    folded = jnp.stack([jax.random.fold_in(jax.random.key(0), i) for i in range(3)])
+    np.testing.assert_array_equal(run(noise, jax.random.key(0), **kw), run(noise, folded, **kw))
+    np.testing.assert_array_equal(run(noise, jax.random.PRNGKey(0), **kw), run(noise, jax.random.key(0), **kw))
+    with pytest.raises(ValueError, match=r"key must be one PRNG key or one per row \(3,\), got keys of shape \(2,\)"):
+        run(noise, keys[:2], **kw)
+
+
 def _context_model(x, t, context):
     """A toy conditional model whose output depends on x, t and both context leaves."""
     emb, mask = context

@@ -2,8 +2,9 @@
 
 ``generate`` runs one compiled function per (sampler, steps, shapes): text encoding,
 the whole sampler loop with the conditional and unconditional passes batched
-together, and the VAE decode. Noise for sample ``i`` comes from
-``fold_in(PRNGKey(seed), i)``, so a sample does not depend on what else is in the batch.
+together, and the VAE decode. A sample's noise is a function of the seed, its prompt's
+text and its number among that prompt's samples (``sample_key``), so a prompt gives the
+same videos alone or in any batch, and raising ``num_per_prompt`` only adds videos.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import pathlib
+import zlib
 from typing import Any, Sequence
 
 import jax
@@ -53,6 +55,16 @@ def _generate(params, ids, mask, uncond_ids, uncond_mask, noise, scale, *, model
     return models.vae.apply({"params": params["vae"]}, z, method=CausalVAE.decode)
 
 
+def sample_key(seed: int, prompt: str, index: int) -> jax.Array:
+    """The PRNG key of the ``index``-th sample of ``prompt`` under ``seed``.
+
+    The prompt enters through its CRC-32, a hash that, unlike Python's ``hash``, is
+    the same in every process and on every run.
+    """
+    prompt_id = np.uint32(zlib.crc32(prompt.encode("utf-8")))
+    return jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(seed), prompt_id), index)
+
+
 def generate(
     pipe: Pipeline,
     prompts: str | Sequence[str],
@@ -69,26 +81,33 @@ def generate(
 ) -> np.ndarray:
     """Samples videos for ``prompts``; returns uint8 ``(len(prompts) * num_per_prompt, T, H, W, 3)``.
 
-    Unset options come from the config's ``sample`` and ``data`` sections. The batch
-    is split over the mesh's data axes (padded to a multiple of them).
+    Unset options (``None``) come from the config's ``sample`` and ``data`` sections.
+    Video ``j`` of a prompt starts from the noise of ``sample_key(seed, prompt, j)``. The
+    batch is split over the mesh's data axes (padded to a multiple of them).
     """
     from vdit.text import as_prompt_list
 
     s = pipe.config.sample
-    steps, sampler = steps or s.steps, sampler or s.sampler
-    cfg = s.cfg if cfg is None else cfg
-    seed = s.seed if seed is None else seed
-    negative_prompt = s.negative_prompt if negative_prompt is None else negative_prompt
-    shape = latent_shape(pipe, frames or pipe.config.data.frames, resolution or pipe.config.data.resolution)
+    pick = lambda value, default: default if value is None else value  # noqa: E731
+    steps, sampler, cfg, seed = pick(steps, s.steps), pick(sampler, s.sampler), pick(cfg, s.cfg), pick(seed, s.seed)
+    negative_prompt = pick(negative_prompt, s.negative_prompt)
+    for name, value in (("num_per_prompt", num_per_prompt), ("steps", steps)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise ValueError(f"generate: {name} must be a positive integer, got {value!r}")
+    shape = latent_shape(pipe, pick(frames, pipe.config.data.frames), pick(resolution, pipe.config.data.resolution))
 
-    prompts = [p for p in as_prompt_list(prompts) for _ in range(num_per_prompt)]
+    prompts = as_prompt_list(prompts)
+    if not prompts:
+        raise ValueError("generate: prompts is empty; pass a str or a non-empty list of str")
+    keys = [sample_key(seed, p, j) for p in prompts for j in range(num_per_prompt)]
+    prompts = [p for p in prompts for _ in range(num_per_prompt)]
     n = len(prompts)
     mesh = mesh or make_mesh({"data": 1}, jax.devices()[:1])
     padded = -(-n // batch_divisor(mesh)) * batch_divisor(mesh)
     ids, mask = pipe.models.text.tokenize(prompts + [""] * (padded - n))
     uncond_ids, uncond_mask = pipe.models.text.tokenize([negative_prompt])
-    base = jax.random.PRNGKey(seed)
-    noise = jnp.stack([jax.random.normal(jax.random.fold_in(base, i), shape) for i in range(padded)])
+    keys += keys[:1] * (padded - n)  # padding rows are dropped; any noise will do
+    noise = jax.vmap(lambda k: jax.random.normal(k, shape))(jnp.stack(keys))
 
     put = lambda x: jax.device_put(x, batch_sharding(mesh, np.ndim(x)))  # noqa: E731
     params = jax.device_put(pipe.params, replicated(mesh))

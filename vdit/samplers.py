@@ -84,6 +84,20 @@ def _validate(sampler: str, schedule: Schedule, num_steps: int, eta: float, key)
         raise ValueError("ddim with eta > 0 draws noise: pass key=jax.random.key(...)")
 
 
+def _row_keys(key, batch: int) -> jax.Array:
+    """One typed PRNG key per batch row: ``key`` folded with each row index, or a batch of keys as given.
+
+    Per-row keys make a row's noise independent of the batch it is sampled in.
+    """
+    if not jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+        key = jax.random.wrap_key_data(key)  # raw uint32 keys: (2,) or (B, 2)
+    if key.shape == ():
+        return jax.vmap(jax.random.fold_in, (None, 0))(key, jnp.arange(batch))
+    if key.shape != (batch,):
+        raise ValueError(f"key must be one PRNG key or one per row ({batch},), got keys of shape {key.shape}")
+    return key
+
+
 def _step_rows(t, alpha, sigma) -> dict[str, np.ndarray]:
     """Model-input rows for one model call per grid step ``i < n``."""
     return {"t": t[:-1], "alpha": alpha[:-1], "sigma": sigma[:-1]}
@@ -195,7 +209,9 @@ def sample(
       schedule: the schedule the model was trained with.
       sampler: one of ``SAMPLERS`` that fits ``schedule.kind``.
       num_steps: grid steps; Heun calls the model ``2 * num_steps - 1`` times.
-      key: PRNG key, only for ``ddim`` with ``eta > 0``.
+      key: only for ``ddim`` with ``eta > 0``: one PRNG key, folded with each row's
+        index, or a batch ``(B,)`` of keys, one per row, for noise that does not
+        depend on the row's place in the batch.
       eta: DDIM stochasticity in [0, 1].
       return_trajectory: also return the state after every step.
 
@@ -224,6 +240,7 @@ def sample(
 
     x = noise.astype(jnp.float32)
     batch = x.shape[0]
+    row_keys = _row_keys(key, batch) if eta > 0 else None
 
     def x0_eps(x_in, row):
         pred = denoise_fn(x_in, jnp.full((batch,), row["t"], jnp.float32)).astype(jnp.float32)
@@ -259,7 +276,8 @@ def sample(
             x0, eps = x0_eps(x, row)
             x = row["a_next"] * x0 + row["c_eps"] * eps
             if eta > 0:
-                z = jax.random.normal(jax.random.fold_in(key, row["step"]), x.shape, jnp.float32)
+                draw = lambda k: jax.random.normal(jax.random.fold_in(k, row["step"]), x.shape[1:], jnp.float32)  # noqa: E731
+                z = jax.vmap(draw)(row_keys)
                 x = x + row["c_noise"] * z
             return (x,)
 

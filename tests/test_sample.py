@@ -1,0 +1,52 @@
+"""``generate``: a sample's noise follows its seed, prompt and number, not its place in the batch."""
+
+import jax
+import numpy as np
+import pytest
+
+from vdit.config import load_config
+from vdit.models import build_models
+from vdit.sample import Pipeline, generate, init_params, sample_key
+
+RED, BLUE = "a red circle moving left", "a blue square moving up"
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    config = load_config("tiny")
+    models = build_models(config)
+    return Pipeline(models, init_params(models, config, jax.random.key(0)), config)
+
+
+def _close(a, b):
+    # uint8 frames from batches of different sizes: XLA may round a value to the other side of .5
+    assert a.shape == b.shape and np.abs(a.astype(int) - b.astype(int)).max() <= 1
+
+
+def test_a_prompt_gives_the_same_videos_alone_or_in_any_batch(pipe):
+    both = generate(pipe, [RED, BLUE], num_per_prompt=2, steps=2, seed=3)
+    assert both.shape[0] == 4 and both.dtype == np.uint8
+    _close(generate(pipe, [BLUE], steps=2, seed=3)[0], both[2])
+    _close(generate(pipe, [BLUE, RED], num_per_prompt=2, steps=2, seed=3), both[[2, 3, 0, 1]])
+    more = generate(pipe, RED, num_per_prompt=3, steps=2, seed=3)  # more samples only add videos
+    _close(more[:2], both[:2])
+    assert np.abs(more[2].astype(int) - more[0]).max() > 10  # ... that differ
+    assert np.abs(generate(pipe, RED, steps=2, seed=4)[0].astype(int) - both[0]).max() > 10
+
+
+def test_sample_key_depends_on_seed_prompt_and_index():
+    keys = [sample_key(0, RED, 0), sample_key(1, RED, 0), sample_key(0, BLUE, 0), sample_key(0, RED, 1)]
+    data = {tuple(np.asarray(jax.random.key_data(k)).ravel()) for k in keys}
+    assert len(data) == 4
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(steps=0), r"generate: steps must be a positive integer, got 0"),
+    (dict(num_per_prompt=0), r"generate: num_per_prompt must be a positive integer, got 0"),
+    (dict(steps=2.5), r"generate: steps must be a positive integer, got 2.5"),
+    (dict(prompts=[]), r"generate: prompts is empty"),
+])
+def test_bad_options_are_named(pipe, kwargs, match):
+    kwargs = {"prompts": RED, "steps": 2, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        generate(pipe, **kwargs)
