@@ -249,6 +249,28 @@ def test_corrupt_latest_falls_back_and_is_kept(tmp_path, mesh, how):
     assert (tmp_path / "30").is_dir()
 
 
+def test_a_step_older_than_the_newest_is_refused_not_pruned(tmp_path, mesh):
+    # keep-K keeps the newest steps: a run continued from step 10 beside a saved step 30
+    # would see its own checkpoints deleted as soon as they were written.
+    state = _state(mesh)
+    with Checkpointer(tmp_path, keep=1) as ckpt:
+        assert ckpt.save(30, state)  # async: not on disk yet when the next save is asked for
+        with pytest.raises(ValueError, match=r"checkpoint 10 is older than the newest one in .* \(30\); keep=1 "
+                                             r"keeps the newest steps, .* into a new directory"):
+            ckpt.save(10, state)
+        for bad in (-1, 2.0, True):
+            with pytest.raises(ValueError, match=r"checkpoint step must be an integer >= 0, got"):
+                ckpt.save(bad, state)
+        ckpt.wait()
+        assert ckpt.all_steps() == [30]
+    with Checkpointer(tmp_path, keep=1) as ckpt:
+        with pytest.raises(ValueError, match=r"checkpoint 29 is older than the newest one"):
+            ckpt.save(29, state)
+        assert ckpt.save(31, state)
+        ckpt.wait()
+        assert ckpt.all_steps() == [31]
+
+
 def test_missing_checkpoints_errors(tmp_path, mesh):
     state = _state(mesh)
     with Checkpointer(tmp_path / "empty") as ckpt:

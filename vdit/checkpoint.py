@@ -111,6 +111,8 @@ class Checkpointer:
         self.directory = epath.Path(path if "://" in path else epath.Path(path).expanduser().resolve())
         self.save_every = int(save_every)
         self._unreadable: set[int] = set()
+        self._keep = int(keep)
+        self._newest_saved = -1  # covers async saves not yet on disk
         options = ocp.CheckpointManagerOptions(
             preservation_policy=_KeepLatestReadable(int(keep), self._unreadable),
             enable_async_checkpointing=async_save,
@@ -163,8 +165,21 @@ class Checkpointer:
           metadata: JSON-serialisable dict (e.g. ``config.to_dict()``), returned by ``restore``.
           force: replace an existing checkpoint at ``step``; without it the save is skipped
             with a warning, so nothing on disk is ever silently overwritten.
+
+        Raises:
+          ValueError: ``step`` is negative, or older than the newest readable checkpoint
+            (a run continued from an earlier step): keep-K keeps the newest steps, so the
+            two runs' checkpoints would mix and the new one could be deleted at once.
         """
+        if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
+            raise ValueError(f"checkpoint step must be an integer >= 0, got {step!r}")
         step = int(step)
+        newest = max([s for s in self.all_steps() if s not in self._unreadable] + [self._newest_saved])
+        if step < newest:
+            raise ValueError(
+                f"checkpoint {step} is older than the newest one in {self.directory} ({newest}); keep={self._keep} "
+                f"keeps the newest steps, so it would mix with the newer run's checkpoints and could be deleted at "
+                f"once. Save a run continued from an earlier step into a new directory")
         if hasattr(metadata, "to_dict"):  # ml_collections.ConfigDict
             metadata = metadata.to_dict()
         if metadata is not None:
@@ -188,7 +203,9 @@ class Checkpointer:
             items["data"] = grain.checkpoint.CheckpointSave(_FrozenIteratorState(data_state))
         # force=True: Orbax's own policy would refuse any step <= its latest one (e.g.
         # after falling back past a corrupt step); the caller already decided to save.
-        return bool(self._manager.save(step, args=ocp.args.Composite(**items), force=True))
+        saved = bool(self._manager.save(step, args=ocp.args.Composite(**items), force=True))
+        self._newest_saved = max(self._newest_saved, step) if saved else self._newest_saved
+        return saved
 
     # -- restore ------------------------------------------------------------------------
 
