@@ -136,6 +136,19 @@ def test_bf16_compute_keeps_f32_params_and_is_close():
     assert all(a.dtype == jnp.float32 for a in jax.tree.leaves(params))
 
 
+def test_bf16_params_keep_conditioning_and_norms_in_f32():
+    # As diffusers keeps Wan's time embedder, scale_shift_tables and norms in f32.
+    x, t, text, mask = _inputs()
+    model = DiT(**TINY, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, pooled_text=True, cross_attn_norm=True)
+    params = nn.meta.unbox(jax.eval_shape(model.init, jax.random.PRNGKey(0), x, t, text, mask)["params"])
+    f32 = {jax.tree_util.keystr(path) for path, a in jax.tree_util.tree_leaves_with_path(params)
+           if a.dtype == jnp.float32}
+    kept = ("time_embed", "time_proj", "text_pool_embed", "modulation", "out_modulation", "norm2")
+    assert f32 and all(any(f"'{k}'" in name for k in kept) for name in f32), f32
+    assert {"['out_modulation']", "['blocks_0']['modulation']", "['blocks_1']['norm2']['scale']"} <= f32
+    assert "['blocks_0']['self_attn']['q']['linear']['kernel']" not in f32 and len(f32) < len(jax.tree.leaves(params))
+
+
 def test_bf16_matmul_operands_with_f32_activations_are_close_in_outputs_and_grads():
     x, t, text, mask = _inputs()
     params = _randomised_params(DiT(**TINY), x, t, text, mask)

@@ -85,7 +85,7 @@ class DiTBlock(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, out_dtype=self.activation_dtype)
         attn = functools.partial(MultiHeadAttention, self.num_heads, self.qk_norm, self.eps, self.attention_impl, **kw)
         table = self.param(
-            "modulation", layers.partitioned(nn.initializers.zeros_init(), (None, "embed")), (6, d), self.param_dtype
+            "modulation", layers.partitioned(nn.initializers.zeros_init(), (None, "embed")), (6, d), jnp.float32
         )
         shift, scale, gate, c_shift, c_scale, c_gate = jnp.split(table[None] + mod, 6, axis=1)  # each (B, 1, D)
 
@@ -142,7 +142,10 @@ class DiT(nn.Module):
       remat: rematerialisation policy per block, a key of ``REMAT_POLICIES``.
       scan_layers: scan over blocks (params stacked on a leading ``layers`` axis).
       dtype: compute dtype of matmuls; norms, modulation and the residual stream are f32.
-      param_dtype: parameter dtype.
+      param_dtype: dtype of the linear layers' weights and the q/k norm scales. The
+        timestep and pooled-text MLPs, the modulation tables and the cross-attention
+        LayerNorm stay f32 whatever it is, as diffusers keeps Wan's (``_keep_in_fp32_modules``):
+        they set every block's modulation, and small updates to them vanish in bf16.
       activation_dtype: dtype of matmul outputs and of the activations between them
         (q/k/v, MLP hidden); None = ``dtype``. ``float32`` with a bf16 ``dtype`` keeps
         only the matmul operands in bf16: on XLA:CPU the fast setting (docs/performance.md).
@@ -249,8 +252,7 @@ class DiT(nn.Module):
                     h = layers.remat_after_cotangent(block, h, context, text_mask, mod, rope)
 
         table = self.param(
-            "out_modulation", layers.partitioned(nn.initializers.zeros_init(), (None, "embed")), (2, d),
-            self.param_dtype,
+            "out_modulation", layers.partitioned(nn.initializers.zeros_init(), (None, "embed")), (2, d), jnp.float32
         )
         shift, scale = jnp.split(table[None] + temb[:, None], 2, axis=1)  # (B, 1, D) each
         h = layers.LayerNorm(self.eps, use_affine=False, name="norm_out")(h) * (1 + scale) + shift
