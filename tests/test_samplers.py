@@ -260,6 +260,8 @@ def test_cfg_batches_cond_and_uncond_in_one_call():
     calls.clear()
     np.testing.assert_allclose(smp.classifier_free_guidance(model_fn, cond, uncond, 1.0)(x, t), c, rtol=1e-6)
     assert calls == [((b, DIM), (b,), ((b, length, width), (b, length)))]
+    bf16_model = lambda x, t, context: model_fn(x, t, context).astype(jnp.bfloat16)  # noqa: E731
+    assert smp.classifier_free_guidance(bf16_model, cond, uncond, 1.0)(x, t).dtype == jnp.float32  # as any scale
 
     # An array scale works under jit (no recompile per scale) and in the sampler, traced once.
     calls.clear()

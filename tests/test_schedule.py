@@ -217,3 +217,12 @@ def test_uniform_and_cosmap_weights():
     )
     with pytest.raises(ValueError, match="valid: uniform, min_snr, cosmap"):
         sch.loss_weight(t, Schedule(), weighting="p2")
+
+
+def test_times_that_do_not_match_the_batch_are_named():
+    x = jnp.zeros((2, 3, 4))
+    for t in (jnp.full(3, 0.5), jnp.full((2, 1), 0.5)):
+        with pytest.raises(ValueError, match=r"t must be a scalar or one time per sample, shape \(2,\), for x of "
+                                             r"shape \(2, 3, 4\); got shape \("):
+            sch.add_noise(x, x, t, Schedule())
+    assert sch.add_noise(x, x + 1, jnp.float32(1.0), Schedule()).shape == x.shape  # a scalar t broadcasts

@@ -196,6 +196,8 @@ class DiT(nn.Module):
         gt, gh, gw = nt // pt, nh // ph, nw // pw
         if text.ndim != 3 or text.shape[0] != b or text.shape[-1] != self.text_dim:
             raise ValueError(f"DiT expects text (B={b}, L, text_dim={self.text_dim}), got {tuple(text.shape)}")
+        if jnp.ndim(t) > 1 or (jnp.ndim(t) == 1 and jnp.shape(t)[0] not in (1, b)):
+            raise ValueError(f"DiT expects t of shape (B={b},) or a scalar, got shape {tuple(jnp.shape(t))}")
         t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (b,))
         d, out_ch = self.width, self.out_channels or self.in_channels
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, out_dtype=self.activation_dtype)

@@ -337,7 +337,7 @@ def classifier_free_guidance(
       ``denoise_fn(x, t) -> prediction`` for ``sample``.
     """
     if isinstance(scale, (int, float)) and scale == 1:
-        return lambda x, t: model_fn(x, t, context)
+        return lambda x, t: model_fn(x, t, context).astype(jnp.float32)
 
     def denoise_fn(x, t):
         batch = x.shape[0]

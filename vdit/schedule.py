@@ -212,7 +212,10 @@ def alpha_sigma(t: jax.Array, schedule: Schedule) -> tuple[jax.Array, jax.Array]
 
 
 def _bcast(a: jax.Array, x: jax.Array) -> jax.Array:
-    """Reshapes a per-sample ``(B,)`` array to broadcast against ``x`` (B, ...)."""
+    """Reshapes a per-sample ``(B,)`` array (a function of ``t``) to broadcast against ``x`` (B, ...)."""
+    if a.ndim > 1 or (a.ndim == 1 and a.shape[0] not in (1, x.shape[0])):
+        raise ValueError(f"t must be a scalar or one time per sample, shape ({x.shape[0]},), "
+                         f"for x of shape {tuple(x.shape)}; got shape {tuple(a.shape)}")
     return jnp.reshape(a, a.shape + (1,) * (x.ndim - a.ndim))
 
 
