@@ -101,6 +101,15 @@ def test_bad_config_raises():
         TransformerTextEncoder(vocab_size=100)
 
 
+def test_token_ids_outside_the_vocabulary_are_named():
+    model = text.TextTransformer(vocab_size=300, max_length=8, width=16, depth=1, num_heads=2)
+    ids, mask = jnp.full((1, 8), 5, jnp.int32), jnp.ones((1, 8), bool)
+    params = model.init(jax.random.key(0), ids, mask)
+    with pytest.raises(ValueError, match=r"token ids must be in \[0, vocab_size=300\), got ids from 5 to 300"):
+        model.apply(params, ids.at[0, 3].set(300), mask)
+    assert np.isfinite(np.asarray(jax.jit(model.apply)(params, ids, mask))).all()
+
+
 def test_word_tokenizer_one_id_per_word_case_and_punctuation():
     tok = WordTokenizer(max_length=10, vocab_size=4096)
     ids, mask = tok(["a red circle moving left", "A  Red, circle!", ""])

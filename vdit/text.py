@@ -312,6 +312,14 @@ class TextTransformer(nn.Module):
             raise ValueError(f"sequence length {ids.shape[1]} exceeds max_length {self.max_length}")
         if self.width % self.num_heads:
             raise ValueError(f"num_heads {self.num_heads} must divide width {self.width}")
+        # Concrete ids only: under jit an id out of range embeds as NaN.
+        concrete = isinstance(ids, np.ndarray) or (
+            isinstance(ids, jax.Array) and not isinstance(ids, jax.core.Tracer) and ids.is_fully_addressable)
+        if concrete and ids.size:
+            low, high = int(np.min(ids)), int(np.max(ids))
+            if low < 0 or high >= self.vocab_size:
+                raise ValueError(f"token ids must be in [0, vocab_size={self.vocab_size}), got ids from {low} to "
+                                 f"{high}; tokenize with the encoder's own tokenizer")
         mask = mask.astype(bool)
         embed = nn.Embed(
             self.vocab_size,
