@@ -80,3 +80,5 @@ def test_override_none_unsets_a_key():
     config = override(load_config("shapes_cpu"), ["dit.activation_dtype=None", "dit.dtype=float32"])
     assert config.dit.activation_dtype is None
     assert build_models(config).dit.activation_dtype is None
+    with pytest.raises(ValueError, match=r"config key 'dit.width' cannot be None: it is int \(\d+\) and has no unset"):
+        override(load_config("tiny"), ["dit.width=None"])

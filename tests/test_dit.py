@@ -200,6 +200,8 @@ def test_bad_inputs():
         init(x, text[..., :8])
     with pytest.raises(ValueError, match="remat policy 'some'"):
         DiT(**TINY, remat="some").init(jax.random.PRNGKey(0), x, t, text, mask)
+    with pytest.raises(ValueError, match=r"DiT sizes must be positive integers, got \{'width': 0, 'depth': -1\}"):
+        DiT(**{**TINY, "width": 0, "depth": -1}).init(jax.random.PRNGKey(0), x, t, text, mask)
     for bad_t in (jnp.zeros(3), jnp.zeros((2, 1))):
         with pytest.raises(ValueError, match=r"DiT expects t of shape \(B=2,\) or a scalar, got shape \("):
             model.init(jax.random.PRNGKey(0), x, bad_t, text, mask)

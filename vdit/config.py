@@ -58,7 +58,7 @@ def _all_keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
 
 
 def _parse_value(text: str, current):
-    """Parses an override string into the type of the current value (``None`` unsets any key)."""
+    """Parses an override string into the type of the current value (``None`` for None)."""
     if text == "None":
         return None
     if isinstance(current, str):
@@ -82,7 +82,8 @@ def override(config: ml_collections.ConfigDict, assignments: Iterable[str]) -> m
     """Applies ``a.b.c=value`` assignments in place; unknown keys fail with a suggestion.
 
     Values are parsed as Python literals and must keep the type of the current value
-    (ints widen to floats); strings are taken as they are.
+    (ints widen to floats); strings are taken as they are. ``None`` unsets the keys
+    that are None in the base config (optional settings such as ``vae.latents_mean``).
     """
     for assignment in assignments:
         key, sep, text = assignment.partition("=")
@@ -104,6 +105,9 @@ def override(config: ml_collections.ConfigDict, assignments: Iterable[str]) -> m
             example = f"{key}.{next(iter(current))}"
             raise ValueError(f"config key {key!r} is a section; set one of its fields, e.g. {example}")
         value = _parse_value(text, current)
+        if value is None and current is not None and not _may_be_none(key):
+            raise ValueError(f"config key {key!r} cannot be None: it is {type(current).__name__} ({current!r}) "
+                             f"and has no unset default")
         try:
             node[leaf] = value
         except TypeError as e:
@@ -111,6 +115,18 @@ def override(config: ml_collections.ConfigDict, assignments: Iterable[str]) -> m
                 f"config key {key!r} is {type(current).__name__} ({current!r}); cannot set it to {value!r}"
             ) from e
     return config
+
+
+def _may_be_none(key: str) -> bool:
+    """Whether ``key`` is None in the base config: an optional setting that ``None`` unsets."""
+    from vdit.configs._base import base_config
+
+    node = base_config()
+    for part in key.split("."):
+        if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+            return False
+        node = node[part]
+    return node is None
 
 
 def to_kwargs(section: ml_collections.ConfigDict) -> dict:

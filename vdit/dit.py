@@ -174,6 +174,11 @@ class DiT(nn.Module):
     activation_dtype: Any = None
 
     def _check_config(self):
+        sizes = dict(width=self.width, depth=self.depth, num_heads=self.num_heads, mlp_dim=self.mlp_dim,
+                     text_dim=self.text_dim, freq_dim=self.freq_dim)
+        bad = {k: v for k, v in sizes.items() if isinstance(v, bool) or not isinstance(v, int) or v < 1}
+        if bad:
+            raise ValueError(f"DiT sizes must be positive integers, got {bad}")
         if self.width % self.num_heads:
             raise ValueError(f"DiT width {self.width} must be divisible by num_heads {self.num_heads}")
         if self.remat not in REMAT_POLICIES:
