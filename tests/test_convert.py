@@ -1,5 +1,8 @@
 """`vdit convert` on a diffusers pipeline folder (safetensors, bf16 and f32) without torch in the loop."""
 
+import os
+import shutil
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -70,3 +73,32 @@ def test_bf16_checkpoint_converts(pipeline_folder, tmp_path):
 def test_not_a_diffusers_folder(tmp_path, capsys):
     assert main(["convert", "--src", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
     assert "neither a diffusers model" in capsys.readouterr().err
+
+
+def test_a_broken_part_stops_the_conversion_before_anything_is_written(pipeline_folder, tmp_path, capsys):
+    root, _, _ = pipeline_folder
+    src = tmp_path / "src"
+    shutil.copytree(root, src)
+    weights = next((src / "vae").glob("*.safetensors"))
+    os.truncate(weights, 4)  # an interrupted download
+    out = tmp_path / "out"
+    assert main(["convert", "--src", str(src), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"{weights} is not a readable safetensors file" in err
+    assert not out.exists()  # the transformer, first and fine, was not written either
+
+    (src / "vae" / "config.json").write_text("{'_class_name': 'AutoencoderKLWan'")
+    assert main(["convert", "--src", str(src), "--out", str(out)]) == 2
+    assert f"{src / 'vae' / 'config.json'} is not valid JSON" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_overwrite_replaces_a_part_only_once_the_new_one_is_complete(pipeline_folder, tmp_path):
+    root, _, _ = pipeline_folder
+    out = tmp_path / "out"
+    assert main(["convert", "--src", str(root / "vae"), "--out", str(out)]) == 0
+    (out / "vae" / "stale.txt").write_text("from the previous conversion")
+    assert main(["convert", "--src", str(root / "vae"), "--out", str(out), "--overwrite"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["vae"] and not (out / "vae" / "stale.txt").exists()
+    module, _ = load_converted(out / "vae")
+    assert isinstance(module, CausalVAE)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+import shutil
 from typing import Any
 
 import numpy as np
@@ -22,19 +23,38 @@ CONVERTERS = {
 }
 
 
-def _read_safetensors(folder: pathlib.Path) -> dict[str, np.ndarray]:
-    from safetensors import safe_open
+def _safetensors_files(folder: pathlib.Path, *, read: bool = False) -> list[pathlib.Path] | dict[str, np.ndarray]:
+    """The folder's weight files (their headers checked), or with ``read`` their tensors in f32."""
+    from safetensors import SafetensorError, safe_open
 
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise ValueError(f"no .safetensors files in {folder}; expected diffusers' saved weights there")
     state = {}
     for f in files:
-        # The flax framework reads bfloat16 too (numpy alone cannot).
-        with safe_open(str(f), framework="flax") as reader:
-            for key in reader.keys():
-                state[key] = np.asarray(reader.get_tensor(key), np.float32)
-    return state
+        try:
+            # The flax framework reads bfloat16 too (numpy alone cannot).
+            with safe_open(str(f), framework="flax") as reader:
+                for key in reader.keys() if read else ():
+                    state[key] = np.asarray(reader.get_tensor(key), np.float32)
+        except (SafetensorError, OSError) as e:
+            raise ValueError(f"{f} is not a readable safetensors file ({e}); is the download complete?") from None
+    return state if read else files
+
+
+def _read_config(folder: pathlib.Path) -> tuple[pathlib.Path, dict]:
+    """A diffusers model folder's ``config.json``, checked to describe a model vdit converts."""
+    config_path = folder / "config.json"
+    if not config_path.exists():
+        raise ValueError(f"{folder} has no config.json; expected a diffusers model folder")
+    try:
+        config = json.loads(config_path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{config_path} is not valid JSON: {e}") from None
+    source = config.get("_class_name") if isinstance(config, dict) else None
+    if source not in CONVERTERS:
+        raise ValueError(f"{config_path} describes {source!r}; vdit converts {sorted(CONVERTERS)}")
+    return config_path, config
 
 
 def convert_model_folder(folder: str | pathlib.Path) -> tuple[str, str, dict, Any]:
@@ -42,14 +62,9 @@ def convert_model_folder(folder: str | pathlib.Path) -> tuple[str, str, dict, An
     from vdit.convert import wan_dit, wan_vae
 
     folder = pathlib.Path(folder)
-    config_path = folder / "config.json"
-    if not config_path.exists():
-        raise ValueError(f"{folder} has no config.json; expected a diffusers model folder")
-    config = json.loads(config_path.read_text())
-    source = config.get("_class_name")
-    if source not in CONVERTERS:
-        raise ValueError(f"{config_path} describes {source!r}; vdit converts {sorted(CONVERTERS)}")
-    state = _read_safetensors(folder)
+    _, config = _read_config(folder)
+    source = config["_class_name"]
+    state = _safetensors_files(folder, read=True)
     if source == "WanTransformer3DModel":
         kwargs, params = wan_dit.convert_wan_dit(state, config)
     else:
@@ -62,7 +77,9 @@ def convert_folder(src: str | pathlib.Path, out: str | pathlib.Path, *, overwrit
     """Converts a diffusers model or pipeline folder into ``out``; returns the parts written.
 
     Refuses to write into an existing part folder unless ``overwrite``: nothing a user
-    saved is replaced silently.
+    saved is replaced silently. Every source folder's config, weight files and
+    destination are checked before anything is written, and each part is written
+    beside its destination and moved into place only when complete.
     """
     import orbax.checkpoint as ocp
 
@@ -71,16 +88,28 @@ def convert_folder(src: str | pathlib.Path, out: str | pathlib.Path, *, overwrit
         src / p for p, _ in CONVERTERS.values() if (src / p).is_dir()]
     if not folders:
         raise ValueError(f"{src} holds neither a diffusers model (config.json) nor transformer/ or vae/ subfolders")
-    written = []
     for folder in folders:
-        part, cls, kwargs, params = convert_model_folder(folder)
-        dest = out / part
+        _, config = _read_config(folder)
+        _safetensors_files(folder)
+        dest = out / CONVERTERS[config["_class_name"]][0]
         if dest.exists() and not overwrite:
             raise ValueError(f"{dest} already exists; pass overwrite=True (--overwrite) to replace it")
-        dest.mkdir(parents=True, exist_ok=True)
-        (dest / "model.json").write_text(json.dumps({"class": cls, "kwargs": kwargs}, indent=2))
+    written = []
+    for folder in folders:
+        try:
+            part, cls, kwargs, params = convert_model_folder(folder)
+        except ValueError as e:
+            done = f" ({', '.join(str(out / p) for p in written)} already converted)" if written else ""
+            raise ValueError(f"converting {folder}: {e}{done}") from None
+        dest, partial = out / part, out / f".{part}.partial"
+        shutil.rmtree(partial, ignore_errors=True)  # a previous conversion that died mid-write
+        partial.mkdir(parents=True)
+        (partial / "model.json").write_text(json.dumps({"class": cls, "kwargs": kwargs}, indent=2))
         with ocp.StandardCheckpointer() as ckpt:
-            ckpt.save(dest / "params", params, force=overwrite)
+            ckpt.save(partial / "params", params)
+        if dest.exists():  # overwrite: the new part is complete, so the old one may go
+            shutil.rmtree(dest)
+        partial.rename(dest)
         written.append(part)
     return written
 
