@@ -162,7 +162,8 @@ class Checkpointer:
           state: pytree of ``jax.Array`` (e.g. a ``flax.struct`` TrainState with an optax state).
           data_state: a Grain iterator (or its ``get_state()``); its position now is saved,
             per process.
-          metadata: JSON-serialisable dict (e.g. ``config.to_dict()``), returned by ``restore``.
+          metadata: JSON-serialisable dict (e.g. ``config.to_dict()``), returned by ``restore``
+            as JSON gives it back: tuples as lists, keys as strings.
           force: replace an existing checkpoint at ``step``; without it the save is skipped
             with a warning, so nothing on disk is ever silently overwritten.
 
@@ -216,6 +217,8 @@ class Checkpointer:
         Args:
           abstract_state: the state's pytree with ``jax.ShapeDtypeStruct`` leaves carrying
             ``.sharding`` (or concrete arrays, whose shardings are used); any mesh works.
+            Arrays come back in its dtypes (an f32 checkpoint restores into bf16 leaves
+            as bf16), as Orbax casts.
           step: the step to restore; default the latest readable one.
           data_iterator: a Grain iterator whose state is set to the saved position.
           relayout: ``(tree, like) -> tree`` in the layout of ``like``, for states saved in
