@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import pathlib
 import sys
 
 
@@ -40,19 +41,40 @@ def _load(args: argparse.Namespace):
     return override(load_config(args.config), args.overrides)
 
 
+_DISTRIBUTED_FLAGS = ("coordinator", "num_processes", "process_id")
+
+
 def _init_distributed(args: argparse.Namespace) -> None:
     """Joins a multi-process run (TPU pod, GPU cluster, or CPU processes on one machine)."""
+    given = {k: getattr(args, k) for k in _DISTRIBUTED_FLAGS if getattr(args, k) is not None}
     if not args.distributed:
+        if given:  # ignoring them would run N independent trainings into one workdir
+            flags = ", ".join(f"--{k}" for k in given)
+            raise ValueError(f"{flags} only apply to a multi-process run: add --distributed, or leave them out")
         return
+    n, i = given.get("num_processes"), given.get("process_id")
+    if n is not None and n < 1 or i is not None and (i < 0 or n is not None and i >= n):
+        raise ValueError(f"need --num_processes >= 1 and 0 <= --process_id < --num_processes, got {n} and {i}")
     import jax
 
-    if args.coordinator and jax.default_backend() == "cpu":
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    kwargs = {}
     if args.coordinator:
-        kwargs = dict(coordinator_address=args.coordinator, num_processes=args.num_processes,
-                      process_id=args.process_id)
-    jax.distributed.initialize(**kwargs)  # with no arguments, TPU pods and SLURM/MPI are detected
+        # Processes on CPUs need gloo for their collectives; only the CPU client reads this, and
+        # it must be set before JAX starts a backend (so no jax.default_backend() check here).
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    kwargs = {"coordinator_address": args.coordinator, "num_processes": n, "process_id": i}
+    try:
+        # Whatever is not given, TPU pods and SLURM/MPI jobs provide.
+        jax.distributed.initialize(**{k: v for k, v in kwargs.items() if v is not None})
+    except ValueError as e:
+        missing = {"coordinator_address": "coordinator (--coordinator HOST:PORT)",
+                   "Number of processes": "process count (--num_processes N)",
+                   "process id": "process index (--process_id I)"}
+        for needle, what in missing.items():
+            if needle in str(e):
+                raise ValueError(f"--distributed found no {what} to use (JAX detects TPU pods and SLURM/MPI "
+                                 "jobs); elsewhere pass --coordinator HOST:PORT --num_processes N --process_id I"
+                                 ) from None
+        raise
 
 
 def _cmd_train(args: argparse.Namespace) -> None:
@@ -70,13 +92,17 @@ def _cmd_train(args: argparse.Namespace) -> None:
 
 def _cmd_sample(args: argparse.Namespace) -> None:
     """Generates videos for prompts from a workdir's checkpoints (EMA weights by default)."""
+    from vdit import media
     from vdit.sample import generate, load_pipeline, save_samples
 
+    out = args.out or f"{args.workdir}/samples"
+    if not args.overwrite:  # before sampling, which can take long
+        files = media.output_names(media.sample_names(args.prompt, args.num))
+        media.check_can_write(out, files, hint="pass --out DIR to write elsewhere or --overwrite to replace them")
     pipe = load_pipeline(args.workdir, ema=not args.no_ema)
     videos = generate(pipe, args.prompt, num_per_prompt=args.num, steps=args.steps, sampler=args.sampler,
                       cfg=args.cfg, seed=args.seed, negative_prompt=args.negative_prompt)
-    out = args.out or f"{args.workdir}/samples"
-    paths = save_samples(videos, args.prompt, out, num_per_prompt=args.num)
+    paths = save_samples(videos, args.prompt, out, num_per_prompt=args.num, overwrite=args.overwrite)
     print(f"wrote {len(paths['mp4'])} videos (mp4 + gif), {paths['grid']} and {paths['contact_sheet']}")
 
 
@@ -84,14 +110,15 @@ def _cmd_prepare(args: argparse.Namespace) -> None:
     """Builds a dataset once into DATA_DIR so training reads it fast (never downloads)."""
     if args.dataset not in ("moving_shapes", "folder") and not args.dataset.startswith("tfds:"):
         raise ValueError(f"unknown dataset {args.dataset!r}; expected moving_shapes, folder or tfds:NAME")
+    if args.overwrite and args.dataset != "folder":
+        raise ValueError("--overwrite applies to `vdit prepare folder` only (moving_shapes datasets are named "
+                         "after their settings, and catalog datasets are built once)")
     if args.dataset == "moving_shapes":
         from vdit.data.moving_shapes import prepare_moving_shapes
 
-        size = tuple(float(v) for v in args.object_size.split(","))
-        if len(size) != 2:
-            raise ValueError(f"--object_size takes 'min,max' fractions of the frame, got {args.object_size!r}")
         name = prepare_moving_shapes(args.data_dir, frames=args.frames, resolution=args.resolution,
-                                     object_size=size, num_train=args.num_train, num_validation=args.num_validation,
+                                     object_size=args.object_size, num_train=args.num_train,
+                                     num_validation=args.num_validation,
                                      num_heldout=args.num_heldout, seed=args.seed)
     elif args.dataset.startswith("tfds:"):
         from vdit.data.catalog import prepare_catalog
@@ -102,8 +129,14 @@ def _cmd_prepare(args: argparse.Namespace) -> None:
 
         if not args.src or not args.name:
             raise ValueError("vdit prepare folder needs --src DIR (your videos) and --name NAME")
-        name = prepare_folder(args.src, args.name, args.data_dir, frames=args.frames, resolution=args.resolution,
-                              fps=args.fps, stride=args.stride, clips_per_video=args.clips_per_video)
+        try:
+            name = prepare_folder(args.src, args.name, args.data_dir, frames=args.frames, resolution=args.resolution,
+                                  fps=args.fps, stride=args.stride, clips_per_video=args.clips_per_video,
+                                  overwrite=args.overwrite)
+        except ValueError as e:
+            if "overwrite=True" not in str(e):
+                raise
+            raise ValueError(str(e).replace("overwrite=True", "--overwrite")) from None  # the flag a CLI user has
     print(f"prepared {name}")
 
 
@@ -120,6 +153,25 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     from vdit.demo import evaluate_workdir
 
     evaluate_workdir(args.workdir)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _object_size(text: str) -> tuple[float, float]:
+    try:
+        low, high = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected 'MIN,MAX', two fractions of the frame size such as 0.25,0.45, got {text!r}") from None
+    return low, high
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -166,14 +218,16 @@ def build_parser() -> argparse.ArgumentParser:
     sample = sub.add_parser("sample", help="generate videos from a trained workdir", description=_cmd_sample.__doc__)
     sample.add_argument("--workdir", required=True, help="a workdir trained by vdit train")
     sample.add_argument("--prompt", required=True, action="append", help="a prompt (repeat for several)")
-    sample.add_argument("--num", type=int, default=1, help="videos per prompt (default 1)")
-    sample.add_argument("--steps", type=int, help="sampler steps (default: config sample.steps)")
+    sample.add_argument("--num", type=_positive_int, default=1, help="videos per prompt (default 1)")
+    sample.add_argument("--steps", type=_positive_int, help="sampler steps (default: config sample.steps)")
     sample.add_argument("--sampler", choices=("euler", "heun", "dpmpp_2m", "unipc", "ddim"),
                         help="sampler (default: config sample.sampler)")
     sample.add_argument("--cfg", type=float, help="classifier-free guidance scale (default: config sample.cfg)")
     sample.add_argument("--negative_prompt", help="prompt to guide away from (default: the empty prompt)")
     sample.add_argument("--seed", type=int, help="noise seed (default: config sample.seed)")
     sample.add_argument("--out", help="output folder (default: WORKDIR/samples)")
+    sample.add_argument("--overwrite", action="store_true",
+                        help="replace files of the same names in the output folder (default: refuse)")
     sample.add_argument("--no_ema", action="store_true", help="use the raw weights instead of their EMA")
     sample.set_defaults(func=_cmd_sample)
 
@@ -186,13 +240,16 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("--num_train", type=int, default=20000, help="moving_shapes: training clips")
     prepare.add_argument("--num_validation", type=int, default=1000, help="moving_shapes: validation clips")
     prepare.add_argument("--num_heldout", type=int, default=1000, help="moving_shapes: heldout-combination clips")
-    prepare.add_argument("--object_size", default="0.25,0.45", help="moving_shapes: min,max size (fraction of frame)")
+    prepare.add_argument("--object_size", type=_object_size, default="0.25,0.45",
+                         help="moving_shapes: MIN,MAX size (fractions of the frame, default 0.25,0.45)")
     prepare.add_argument("--seed", type=int, default=0, help="moving_shapes: base seed")
     prepare.add_argument("--src", help="folder: your videos (.mp4 .webm .gif .mov) with captions")
     prepare.add_argument("--name", help="folder: dataset name (train with data.name=folder:NAME)")
     prepare.add_argument("--fps", type=float, help="folder: sample frames at this rate")
     prepare.add_argument("--stride", type=int, help="folder: take every Nth frame")
     prepare.add_argument("--clips_per_video", type=int, default=1, help="folder: clips cut from each video")
+    prepare.add_argument("--overwrite", action="store_true",
+                         help="folder: rebuild NAME even if prepared already (with other settings)")
     prepare.set_defaults(func=_cmd_prepare)
 
     info = sub.add_parser("info", help="parameter counts of a config's models", description=_cmd_info.__doc__)
@@ -267,6 +324,32 @@ def hugepage_reexec_args() -> tuple[list[str], dict[str, str]] | None:
     return [sys.executable, *sys.orig_argv[1:]], env
 
 
+# Errors about the user's input and paths; anything else is a bug and keeps its traceback.
+_USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
+                PermissionError)
+
+
+def _message(e: Exception) -> str:
+    """One line: an OSError from the OS itself names its file, e.g. "Permission denied: '/x'"."""
+    if isinstance(e, OSError) and e.filename is not None and e.strerror:
+        return f"{e.strerror}: {e.filename!r}" + (f" -> {e.filename2!r}" if e.filename2 is not None else "")
+    return str(e)
+
+
+def _check_folder_args(args: argparse.Namespace) -> None:
+    """A folder flag naming an existing file (or a path under one) is refused up front, by name."""
+    for flag in ("workdir", "out", "data_dir"):
+        value = getattr(args, flag, None)
+        if not isinstance(value, str) or "://" in value:  # gs:// and the like are not local paths
+            continue
+        path = parent = pathlib.Path(value).expanduser()
+        while not parent.exists() and parent != parent.parent:
+            parent = parent.parent
+        if parent.exists() and not parent.is_dir():
+            where = "is" if parent == path else f"is inside {parent}, which is"
+            raise NotADirectoryError(f"--{flag} {value} {where} a file, expected a folder")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``vdit`` console script.
 
@@ -283,8 +366,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(_split_overrides(argv))
     args.argv = argv  # the command as typed, stamped on benchmark results
     try:
+        _check_folder_args(args)
         args.func(args)
-    except (ValueError, FileNotFoundError) as e:
+    except _USER_ERRORS as e:
+        print(f"vdit {args.command}: error: {_message(e)}", file=sys.stderr)
+        return 2
+    except ImportError as e:
+        common = sys.modules.get("vdit.data.common")  # not imported: then this is no MissingTensorFlowError
+        if common is None or not isinstance(e, common.MissingTensorFlowError):
+            raise
         print(f"vdit {args.command}: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -41,6 +41,27 @@ def demo_prompts() -> list[tuple[str, tuple[str, str, str], str]]:
     return out
 
 
+def sample_names(seeds: int) -> list[str]:
+    """File stems of the demo's samples in ``W/samples``: ``{prompt index:02d}_{slug}_s{seed}``."""
+    return [f"{i:02d}_{media.slug(p)}_s{s}" for i, (p, _, _) in enumerate(demo_prompts()) for s in range(seeds)]
+
+
+LABELLED_GRID = "grid_labelled.gif"  # only the demo writes it: marks W/samples as the demo's
+
+
+def check_samples_writable(samples: pathlib.Path, names: list[str]) -> None:
+    """Refuses a samples folder holding files of the demo's names that an earlier demo did not write.
+
+    A demo rerun replaces its own samples (it samples again with this run's settings), but
+    never ``vdit sample``'s grid or contact sheet in the same folder.
+    """
+    if (samples / LABELLED_GRID).exists():
+        media.check_can_write(samples, [])  # still must be a folder
+        return
+    media.check_can_write(samples, media.output_names(names),
+                          hint="they are not from `vdit demo`; move them away or use another --workdir")
+
+
 def labelled_grid(videos: np.ndarray, labels: list[str], columns: int, scale: int = 3) -> np.ndarray:
     """A GIF-ready grid ``(T, H', W', 3)`` with each video upscaled and its label written above it."""
     from PIL import Image, ImageDraw
@@ -92,6 +113,7 @@ def run_demo(workdir: str | pathlib.Path, *, quick: bool = False, data_dir: str 
         config = config.copy_and_resolve_references()  # the demo sets data and cache keys; the caller's stays as given
     override(config, list(overrides))
     seeds = seeds or (2 if quick else 4)
+    check_samples_writable(workdir / "samples", sample_names(seeds))  # before hours of training, not after
     # Enough distinct clips for the DiT's epochs, few enough to encode into the latent cache in minutes.
     counts = dict(num_train=256, num_validation=64, num_heldout=64) if quick else dict(
         num_train=4000, num_validation=500, num_heldout=500)
@@ -117,12 +139,13 @@ def run_demo(workdir: str | pathlib.Path, *, quick: bool = False, data_dir: str 
     opts = config.sample
     videos = generate(pipe, texts, num_per_prompt=seeds, steps=opts.steps, sampler=opts.sampler, cfg=opts.cfg,
                       seed=opts.seed, negative_prompt=opts.negative_prompt)
-    names = [f"{i:02d}_{media.slug(p)}_s{s}" for i, p in enumerate(texts) for s in range(seeds)]
     samples = workdir / "samples"
-    paths = media.write_all(samples, videos, names)
     labels = [f"{'H ' if split == 'heldout' else ''}{c} {s} {d}"
               for _, (c, s, d), split in prompts for _ in range(seeds)]
-    media.write_video(samples / "grid_labelled.gif", labelled_grid(videos, labels, columns=seeds * 4))
+    # The labelled grid first: it marks the folder as the demo's before anything else is replaced.
+    samples.mkdir(parents=True, exist_ok=True)
+    media.write_video(samples / LABELLED_GRID, labelled_grid(videos, labels, columns=seeds * 4))
+    paths = media.write_all(samples, videos, sample_names(seeds), overwrite=True)  # checked above
     timings["sample_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -141,6 +164,17 @@ def run_demo(workdir: str | pathlib.Path, *, quick: bool = False, data_dir: str 
     return results
 
 
+def _rerun_hint(workdir: pathlib.Path) -> str:
+    trained = (workdir / "dit" / "config.json").exists() or (workdir / "vae" / "config.json").exists()
+    demo_traces = (workdir / "data").is_dir() or (workdir / "samples" / LABELLED_GRID).exists()
+    if trained and not demo_traces:
+        # `vdit demo` there would train on with the demo's config instead of the user's.
+        return (f"`vdit eval` judges the samples of `vdit demo`, and {workdir} looks like a `vdit train` workdir: "
+                f"sample it with `vdit sample --workdir {workdir} --prompt ...` (or, if it is an unfinished demo, "
+                f"rerun `vdit demo --workdir {workdir}`)")
+    return f"run `vdit demo --workdir {workdir}` (it reuses the data and checkpoints already there)"
+
+
 def evaluate_workdir(workdir: str | pathlib.Path) -> dict:
     """Re-runs the evaluation of a demo workdir's samples (``vdit eval``) and rewrites ``eval.json``."""
     import json
@@ -149,15 +183,32 @@ def evaluate_workdir(workdir: str | pathlib.Path) -> dict:
 
     workdir = pathlib.Path(workdir)
     path = workdir / "eval.json"
+    if workdir.exists() and not workdir.is_dir():
+        raise NotADirectoryError(f"workdir {workdir} is a file, expected the folder of a `vdit demo` run")
+    if not workdir.exists():
+        raise FileNotFoundError(f"workdir {workdir} not found; run `vdit demo --workdir {workdir}` first")
     if not path.exists():
-        raise FileNotFoundError(f"{path} not found; run `vdit demo --workdir {workdir}` first")
-    previous = json.loads(path.read_text())
-    seeds = previous["seeds"]
+        raise FileNotFoundError(f"{path} not found: {_rerun_hint(workdir)}")
+    try:
+        previous = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); {_rerun_hint(workdir)}") from None
+    seeds = previous.get("seeds") if isinstance(previous, dict) else None
+    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
+        got = "has no 'seeds'" if seeds is None else f"has seeds={seeds!r}, expected a positive integer"
+        raise ValueError(f"{path} {got} (the demo writes it); {_rerun_hint(workdir)}")
     prompts = demo_prompts()
-    names = [f"{i:02d}_{media.slug(p)}_s{s}" for i, (p, _, _) in enumerate(prompts) for s in range(seeds)]
-    videos = np.stack([media.read_video(workdir / "samples" / f"{n}.mp4") for n in names])
+    files = [workdir / "samples" / f"{n}.mp4" for n in sample_names(seeds)]
+    missing = [f.name for f in files if not f.exists()]
+    if missing:
+        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        raise FileNotFoundError(f"{workdir / 'samples'} lacks {len(missing)} of the {len(files)} demo samples "
+                                f"eval.json counts ({shown}); {_rerun_hint(workdir)}")
+    videos = [media.read_video(f) for f in files]
+    if len({v.shape for v in videos}) > 1:
+        raise ValueError(f"the demo samples in {workdir / 'samples'} differ in shape; {_rerun_hint(workdir)}")
     combos = [combo for _, combo, _ in prompts for _ in range(seeds)]
-    fresh = evaluate.evaluate_samples(videos, combos)
+    fresh = evaluate.evaluate_samples(np.stack(videos), combos)
     previous.update({k: v for k, v in fresh.items() if v is not None})
     evaluate.save_results(previous, path)
     print(evaluate.format_table(previous))

@@ -96,9 +96,44 @@ def slug(text: str, limit: int = 48) -> str:
     return keep[:limit] or "empty"
 
 
-def write_all(out_dir: str | pathlib.Path, videos: np.ndarray, names: Sequence[str], fps: int = 8) -> dict:
-    """Writes each video as .mp4 and .gif, a GIF grid and a PNG contact sheet; returns the paths."""
+def sample_names(prompts: str | Sequence[str], num_per_prompt: int = 1) -> list[str]:
+    """File stems of ``vdit.sample.save_samples``: ``{prompt index:03d}_{slug}_s{sample}``."""
+    from vdit.text import as_prompt_list
+
+    return [f"{i:03d}_{slug(p)}_s{j}" for i, p in enumerate(as_prompt_list(prompts)) for j in range(num_per_prompt)]
+
+
+def output_names(names: Sequence[str]) -> list[str]:
+    """The file names ``write_all`` writes for ``names``: an .mp4 and a .gif each, a grid and a contact sheet."""
+    return [f"{n}.{ext}" for n in names for ext in ("mp4", "gif")] + ["grid.gif", "contact_sheet.png"]
+
+
+def check_can_write(out_dir: str | pathlib.Path, files: Sequence[str], *,
+                    hint: str = "pass another out_dir or overwrite=True") -> None:
+    """Raises a one-line error if ``out_dir`` is not a folder or already holds any of ``files``."""
     out = pathlib.Path(out_dir)
+    parent = out
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if parent.exists() and not parent.is_dir():
+        where = "is" if parent == out else f"is inside {parent}, which is"
+        raise NotADirectoryError(f"output folder {out} {where} a file, expected a folder")
+    existing = [f for f in files if (out / f).exists()]
+    if existing:
+        shown = ", ".join(existing[:3]) + (f" and {len(existing) - 3} more" if len(existing) > 3 else "")
+        raise FileExistsError(f"{out} already holds {shown}; not overwriting them: {hint}")
+
+
+def write_all(out_dir: str | pathlib.Path, videos: np.ndarray, names: Sequence[str], fps: int = 8, *,
+              overwrite: bool = False) -> dict:
+    """Writes each video as .mp4 and .gif, a GIF grid and a PNG contact sheet; returns the paths.
+
+    Refuses (``FileExistsError``) to replace any existing file unless ``overwrite``.
+    """
+    out = pathlib.Path(out_dir)
+    if len(names) != len(videos):
+        raise ValueError(f"write_all: {len(videos)} videos but {len(names)} names")
+    check_can_write(out, [] if overwrite else output_names(names))
     out.mkdir(parents=True, exist_ok=True)
     paths = {"mp4": [], "gif": []}
     for video, name in zip(videos, names):

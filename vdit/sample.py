@@ -119,13 +119,14 @@ def generate(
 
 
 def save_samples(videos: np.ndarray, prompts: Sequence[str], out_dir: str | pathlib.Path, *, num_per_prompt: int = 1,
-                 fps: int = 8) -> dict:
-    """Writes ``generate``'s output as mp4/gif per sample, a GIF grid and a PNG contact sheet."""
-    from vdit.text import as_prompt_list
+                 fps: int = 8, overwrite: bool = False) -> dict:
+    """Writes ``generate``'s output as mp4/gif per sample, a GIF grid and a PNG contact sheet.
 
-    names = [f"{i:03d}_{media.slug(p)}_s{j}"
-             for i, p in enumerate(as_prompt_list(prompts)) for j in range(num_per_prompt)]
-    return media.write_all(out_dir, videos, names, fps=fps)
+    Refuses (``FileExistsError``) to replace files already in ``out_dir`` unless ``overwrite``
+    (``vdit sample`` checks before sampling, with ``media.check_can_write``).
+    """
+    names = media.sample_names(prompts, num_per_prompt)
+    return media.write_all(out_dir, videos, names, fps=fps, overwrite=overwrite)
 
 
 def init_params(models: Models, config: ml_collections.ConfigDict, key: jax.Array) -> dict[str, Any]:
