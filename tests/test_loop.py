@@ -1,8 +1,10 @@
 """The training loop end to end: exact resume, preemption, non-finite abort, sampling to files."""
 
 import json
+import logging
 import os
 import pathlib
+import shlex
 import shutil
 import signal
 import subprocess
@@ -15,7 +17,7 @@ import pytest
 
 from vdit.config import load_config, override
 from vdit.data.moving_shapes import prepare_moving_shapes
-from vdit.loop import NonFiniteLossError, train
+from vdit.loop import NonFiniteLossError, VaeChangedError, train
 from vdit.metrics import read_metrics
 
 # Under xdist (`--dist loadgroup`, pyproject.toml) one worker trains the `vae_workdir` fixture's VAE once.
@@ -234,3 +236,95 @@ def test_vae_trains_on_random_crops(data, tmp_path):
                                          r"the VAE's spatial factor 4"):
         train(tiny(data, "vae_train.crop=6"), tmp_path / "bad", "vae", progress=False)
     assert not (tmp_path / "bad" / "vae").exists() or not any((tmp_path / "bad" / "vae").iterdir())
+
+
+@pytest.mark.parametrize("phase, setting, message", [
+    ("dit", "train.steps=0", r"train.steps=0: expected an integer >= 1 \(the step to train to\)"),
+    ("vae", "vae_train.steps=-5", r"vae_train.steps=-5: expected an integer >= 1"),
+    ("vae", "train.steps=0", r"train.steps=0: expected"),  # `vdit train` would train the VAE first
+    ("vae", "vae_train.log_every=0", r"vae_train.log_every=0: expected an integer >= 1"),
+    ("dit", "train.checkpoint_every=0", r"train.checkpoint_every=0: expected an integer >= 1"),
+    ("vae", "vae_train.keep_checkpoints=0", r"vae_train.keep_checkpoints=0: expected an integer >= 1"),
+    ("dit", "train.eval_every=-1", r"train.eval_every=-1: expected an integer >= 0"),
+    ("vae", "vae_train.frames=6", r"vae_train.frames=6: expected 1 \+ 4k frames .*, or 0 for data.frames"),
+    ("dit", "data.resolution=32", (r"data.resolution=32 but moving_shapes/\S+ stores 16x16 frames and clips are "
+                                   r"never resized: set data.resolution=16, or prepare the dataset at 32x32")),
+    ("vae", "data.resolution=8", (r"data.resolution=8 but .* stores 16x16 frames .*; vae_train.crop=8 trains the "
+                                  r"VAE on 8x8 windows$")),
+    ("dit", "data.frames=9", (r"data.frames=9 but moving_shapes/\S+ stores 5-frame clips: set data.frames to at "
+                              r"most 5")),
+])
+def test_bad_settings_fail_before_anything_is_written(data, tmp_path, phase, setting, message):
+    with pytest.raises(ValueError, match=message):
+        train(tiny(data, setting), tmp_path / "w", phase, progress=False)
+    assert not (tmp_path / "w").exists()
+
+
+def test_cli_rejects_zero_steps_in_one_line(data, tmp_path, capsys):
+    from vdit.cli import main
+
+    root, name = data
+    assert main(["train", "--config", "tiny", "--workdir", str(tmp_path / "w"), "--phase", "dit", "--no_progress",
+                 f"data.name={name}", f"data.data_dir={root}", "train.steps=0"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("vdit train: error: train.steps=0: expected an integer >= 1") and err.count("\n") == 1
+    assert not (tmp_path / "w").exists()
+
+
+def test_missing_dit_names_a_runnable_train_command(vae_workdir, tmp_path):
+    from vdit.cli import build_parser
+    from vdit.loop import load_params
+    from vdit.models import build_models
+    from vdit.sharding import make_mesh, rules_from_config
+
+    workdir = _with_vae(vae_workdir, tmp_path / "has space")
+    config = load_config("tiny")
+    with pytest.raises(FileNotFoundError, match=r"no dit checkpoint in .*; train it first with `vdit train "
+                                                r"--config CONFIG --workdir .* --phase dit` \(CONFIG: ") as e:
+        load_params(workdir, "dit", config, build_models(config), make_mesh({"data": 1}, jax.devices()[:1]),
+                    rules_from_config(config.sharding_rules))
+    command = shlex.split(str(e.value).split("`")[1].replace("CONFIG", "tiny"))
+    args = build_parser().parse_args(command[1:])
+    assert (args.command, args.config, args.workdir, args.phase) == ("train", "tiny", str(workdir), "dit")
+
+
+def test_dit_refuses_a_vae_trained_on_after_it(data, vae_workdir, tmp_path, caplog, capsys):
+    from vdit.cli import main
+
+    workdir = _with_vae(vae_workdir, tmp_path / "w")
+    dit = tiny(data, "train.steps=2", "train.eval_every=0", "train.latents=cached")
+    assert train(dit, workdir, "dit", progress=False)["step"] == 2
+    assert json.loads((workdir / "dit" / "vae_step.json").read_text()) == {"vae_step": 4}
+    assert json.loads((workdir / "vae" / "latent_stats.json").read_text())["vae_step"] == 4
+
+    with caplog.at_level(logging.WARNING, logger="vdit"):
+        assert train(tiny(data, "vae_train.steps=6"), workdir, "vae", progress=False)["step"] == 6
+    assert "trained on the latents of VAE step 4: that DiT does not fit the new VAE" in caplog.text
+
+    refused = (r"the DiT in \S+ was trained on the latents of VAE step 4, but the VAE in \S+ is at step 6: it "
+               r"would decode latents the DiT never learned\. Train a DiT for this VAE in a new --workdir")
+    with pytest.raises(VaeChangedError, match=refused):
+        _final_params(workdir)
+    stats = (workdir / "vae" / "latent_stats.json").read_text()
+    with pytest.raises(VaeChangedError, match=refused):  # resuming, before statistics or latents are redone
+        train(tiny(data, "train.steps=4", "train.eval_every=0", "train.latents=cached"), workdir, "dit",
+              progress=False)
+    assert (workdir / "vae" / "latent_stats.json").read_text() == stats
+    assert sorted(p.name for p in (workdir / "dit" / "checkpoints").iterdir() if p.name.isdigit()) == ["2"]
+    assert main(["sample", "--workdir", str(workdir), "--prompt", "a red circle", "--steps", "2",
+                 "--out", str(tmp_path / "out")]) == 2
+    assert "was trained on the latents of VAE step 4" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+    # A workdir from before the record: accepted as it always was.
+    old = shutil.copytree(workdir, tmp_path / "old")
+    (old / "dit" / "vae_step.json").unlink()
+    _final_params(old)
+
+    # A new DiT here: statistics are measured again; the latents cached with VAE step 4 are refused.
+    shutil.rmtree(workdir / "dit")
+    with caplog.at_level(logging.WARNING, logger="vdit"), pytest.raises(
+            ValueError, match=r"latent cache \S+ was built with vae_step=4, this run has vae_step=6; delete"):
+        train(dit, workdir, "dit", progress=False)
+    assert "holds statistics of VAE step 4; the VAE is at step 6: measuring them again" in caplog.text
+    assert json.loads((workdir / "vae" / "latent_stats.json").read_text())["vae_step"] == 6

@@ -5,6 +5,8 @@ A workdir holds one run: ``W/vae/`` and ``W/dit/`` each with ``checkpoints/``,
 ``train(config, W, "dit")``; the DiT phase encodes its training clips with the VAE of
 ``W/vae`` (on the fly, or cached once to ``W/latents`` when
 ``train.latents="cached"``). Running either again resumes from its latest checkpoint.
+``W/dit/vae_step.json`` records the VAE step the DiT was trained on: a DiT whose VAE was
+trained on afterwards is refused (``VaeChangedError``) rather than sampled with other latents.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import functools
 import json
 import logging
 import pathlib
+import shlex
 import time
 from typing import Any
 
@@ -27,6 +30,7 @@ from tqdm.auto import tqdm
 from vdit import train as T
 from vdit.checkpoint import CheckpointMismatch, Checkpointer, PreemptionGuard
 from vdit.dit import relayout
+from vdit.data.common import as_hw
 from vdit.data.pipeline import make_loader, open_dataset, to_global
 from vdit.metrics import MetricsWriter
 from vdit.models import Models, build_models
@@ -35,10 +39,15 @@ from vdit.sharding import make_mesh, request_cpu_devices, rules_from_config
 log = logging.getLogger("vdit")
 PHASES = ("vae", "dit")
 EVAL_TIMES = (0.1, 0.3, 0.5, 0.7, 0.9)
+VAE_RECORD = "vae_step.json"  # in W/dit: {"vae_step": N}, the VAE checkpoint the DiT's latents came from
 
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN/inf and ``on_nonfinite="abort"``."""
+
+
+class VaeChangedError(ValueError):
+    """A workdir's VAE was trained on after its DiT was trained on the older VAE's latents."""
 
 
 @dataclasses.dataclass
@@ -60,6 +69,7 @@ class Run:
     global_batch: int
     batch_keys: tuple[str, ...]
     eval_frozen: Any  # what evaluation on raw validation clips needs (the VAE, also with cached latents)
+    vae_step: int | None = None  # DiT phase: the VAE checkpoint step its latents come from
 
 
 def phase_sections(config: ml_collections.ConfigDict, phase: str):
@@ -69,9 +79,87 @@ def phase_sections(config: ml_collections.ConfigDict, phase: str):
     return (config.vae_optim, config.vae_train) if phase == "vae" else (config.optim, config.train)
 
 
+# (key, lowest value, what it means) of the settings both train sections may have.
+_TRAIN_INTS = (("steps", 1, "the step to train to"), ("log_every", 1, "steps between logged metrics"),
+               ("checkpoint_every", 1, "steps between checkpoints"), ("keep_checkpoints", 1, "checkpoints kept"),
+               ("eval_every", 0, "steps between evaluations; 0 turns them off"))
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+    """One-line errors, naming the key, for training settings out of range.
+
+    Both phases' sections are checked, so ``vdit train`` (both phases) stops before
+    training the VAE rather than after it.
+    """
+    for section in ("vae_train", "train"):
+        cfg = config[section]
+        for key, low, what in _TRAIN_INTS:
+            if key not in cfg:
+                continue
+            value = cfg[key]
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+                raise ValueError(f"{section}.{key}={value!r}: expected an integer >= {low} ({what})")
+        if cfg.on_nonfinite not in ("abort", "skip"):
+            raise ValueError(f"{section}.on_nonfinite={cfg.on_nonfinite!r}: expected 'abort' or 'skip'")
+    for key, value, unset in (("data.frames", config.data.frames, False),
+                              ("vae_train.frames", config.vae_train.get("frames", 0), True)):
+        is_int = isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+        if not (is_int and ((unset and value == 0) or (value >= 1 and (value - 1) % 4 == 0))):
+            raise ValueError(f"{key}={value!r}: expected 1 + 4k frames (1, 5, 9, 13, 17, ...)"
+                             f"{', or 0 for data.frames' if unset else ''}")
+    res = config.data.resolution
+    try:
+        as_hw(res)
+    except (TypeError, ValueError):
+        raise ValueError(f"data.resolution={res!r}: expected a positive frame size, an int or (H, W)") from None
+    batch = config.data.batch_size
+    if isinstance(batch, bool) or not isinstance(batch, (int, np.integer)) or batch < 1:
+        raise ValueError(f"data.batch_size={batch!r}: expected an integer >= 1")
+    vae_batch = config.vae_train.get("batch_size", 0)
+    if isinstance(vae_batch, bool) or not isinstance(vae_batch, (int, np.integer)) or vae_batch < 0:
+        raise ValueError(f"vae_train.batch_size={vae_batch!r}: expected an integer >= 1, or 0 for data.batch_size")
+
+
+def _check_dataset(config: ml_collections.ConfigDict, dataset, phase: str) -> None:
+    """One-line errors for clip sizes the dataset does not store: nothing resizes or pads its clips."""
+    h, w = dataset.resolution
+    want = as_hw(config.data.resolution)
+    if want != (h, w):
+        fix = str(h) if h == w else f"'({h}, {w})'"
+        # A VAE may train on smaller windows than stored, but data.resolution is what the DiT
+        # trains on and `vdit sample` generates: it must be the stored size.
+        crop = (f"; vae_train.crop={want[0]} trains the VAE on {want[0]}x{want[0]} windows"
+                if phase == "vae" and want[0] == want[1] and want[0] < min(h, w) else "")
+        raise ValueError(f"data.resolution={config.data.resolution!r} but {dataset.name} stores {h}x{w} frames and "
+                         f"clips are never resized: set data.resolution={fix}, or prepare the dataset at "
+                         f"{want[0]}x{want[1]} (vdit prepare ... --resolution){crop}")
+    keys = [("data.frames", config.data.frames)]
+    if phase == "vae" and config.vae_train.get("frames"):
+        keys.append(("vae_train.frames", config.vae_train.frames))
+    for key, frames in keys:
+        if frames > dataset.frames:
+            raise ValueError(f"{key}={frames} but {dataset.name} stores {dataset.frames}-frame clips: set {key} "
+                             f"to at most {dataset.frames} (shorter clips are random windows of the stored ones)")
+
+
+def _train_command(workdir, phase: str) -> str:
+    # The config is not recorded in the workdir; the user supplies the one the run started with.
+    return f"vdit train --config CONFIG --workdir {shlex.quote(str(workdir))} --phase {phase}"
+
+
 def load_params(workdir: str | pathlib.Path, phase: str, config: ml_collections.ConfigDict, models: Models,
                 mesh, rules, *, ema: bool = True) -> Any:
-    """Trained parameters of a phase from its latest checkpoint (EMA weights when kept)."""
+    """Trained parameters of a phase from its latest checkpoint (EMA weights when kept).
+
+    Raises ``VaeChangedError`` for a DiT whose VAE was trained on after it.
+    """
+    if phase == "dit":
+        _check_vae_step(workdir, _phase_step(workdir, "vae"))
+    return _restore_params(workdir, phase, config, models, mesh, rules, ema=ema)[1]
+
+
+def _restore_params(workdir, phase: str, config, models: Models, mesh, rules, *, ema: bool = True) -> tuple[int, Any]:
+    """``(step, params)`` of the latest readable checkpoint of a phase."""
     directory = pathlib.Path(workdir) / phase / "checkpoints"
     optim, train_cfg = phase_sections(config, phase)
     init = T.init_vae_params(models) if phase == "vae" else T.init_dit_params(models)
@@ -79,12 +167,38 @@ def load_params(workdir: str | pathlib.Path, phase: str, config: ml_collections.
     keep_ema = phase == "dit" and train_cfg.ema_decay > 0
     with Checkpointer(directory) as ckpt:
         if ckpt.latest_step() is None:
-            cmd = f"vdit train --phase {phase} --workdir {workdir}"
-            raise FileNotFoundError(f"no {phase} checkpoint in {directory}; train it first: {cmd}")
+            raise FileNotFoundError(f"no {phase} checkpoint in {directory}; train it first with "
+                                    f"`{_train_command(workdir, phase)}` (CONFIG: the config name or .py file of "
+                                    f"this workdir's runs, followed by the same KEY=VALUE overrides)")
         target = T.abstract_state(init, tx, mesh, rules, ema=keep_ema)
         with _explain_mismatch(pathlib.Path(workdir) / phase, config, phase):
-            _, state, _ = ckpt.restore(target, relayout=_RELAYOUT[phase])
-    return state.ema if (ema and state.ema is not None) else state.params
+            step, state, _ = ckpt.restore(target, relayout=_RELAYOUT[phase])
+    return step, (state.ema if (ema and state.ema is not None) else state.params)
+
+
+def _recorded_vae_step(workdir) -> int | None:
+    """The VAE step the workdir's DiT was trained on; None for a DiT saved before vdit recorded it."""
+    path = pathlib.Path(workdir) / "dit" / VAE_RECORD
+    try:
+        return int(json.loads(path.read_text())["vae_step"])
+    except FileNotFoundError:
+        return None
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{path} is unreadable ({type(e).__name__}: {e}); it should hold "
+                         f'{{"vae_step": N}}, the VAE step the DiT was trained on') from None
+
+
+def _check_vae_step(workdir, vae_step: int | None) -> None:
+    """Raises ``VaeChangedError`` when the DiT was trained on another VAE step than ``vae_step``."""
+    trained = _recorded_vae_step(workdir)
+    if trained is None or vae_step is None or trained == vae_step:
+        return
+    w = pathlib.Path(workdir)
+    raise VaeChangedError(
+        f"the DiT in {w / 'dit'} was trained on the latents of VAE step {trained}, but the VAE in "
+        f"{w / 'vae' / 'checkpoints'} is at step {vae_step}: it would decode latents the DiT never learned. "
+        f"Train a DiT for this VAE in a new --workdir holding a copy of {w / 'vae'}, or move VAE checkpoints "
+        f"newer than step {trained} out of {w / 'vae' / 'checkpoints'} to use the DiT as trained")
 
 
 def build_run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, phase: str, *,
@@ -92,6 +206,11 @@ def build_run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, ph
     """Builds everything a phase needs (fresh state; ``train`` restores on top); ``progress`` shows
     the bars of the one-off latent statistics and latent cache passes."""
     optim, train_cfg = phase_sections(config, phase)
+    check_config(config)
+    # Opened first: a dataset that does not fit the config fails before any model is built or restored.
+    dataset = open_dataset(config.data.name, config.data.data_dir or None, "train", frames=config.data.frames,
+                           resolution=config.data.resolution)
+    _check_dataset(config, dataset, phase)
     models = build_models(config)
     if mesh is None and devices is None:
         request_cpu_devices(int(config.get("cpu_devices", 0)))
@@ -109,6 +228,7 @@ def build_run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, ph
     lr_fn = T.learning_rate(optim, train_cfg.steps)
     key = jax.random.PRNGKey(config.seed)
     frozen = None
+    vae_step = None
     frames = config.data.frames
     crop = None
     if phase == "vae":
@@ -129,13 +249,15 @@ def build_run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, ph
         ema = train_cfg.ema_decay > 0
         if train_cfg.latents not in ("online", "cached"):
             raise ValueError(f"train.latents={train_cfg.latents!r}; expected 'online' (encode every step) or 'cached'")
-        frozen = {"vae": load_params(workdir, "vae", config, models, mesh, rules)}
+        vae_step, vae_params = _restore_params(workdir, "vae", config, models, mesh, rules)
+        frozen = {"vae": vae_params}
+        if _phase_step(workdir, "dit") is not None:  # a resume: before latent statistics or a cache are redone
+            _check_vae_step(workdir, vae_step)
     state, shardings = T.init_state(init, tx, key, mesh, rules, ema=ema)
 
-    dataset = open_dataset(config.data.name, config.data.data_dir or None, "train")
     if phase == "dit" and config.vae.latents_mean is None and config.vae.latents_std is None:
         config = with_latent_stats(config, workdir, dataset, models, frozen["vae"], mesh, global_batch,
-                                   progress=progress)
+                                   progress=progress, vae_step=vae_step)
         models = build_models(config)
         loss_fn = functools.partial(loss_fn, models=models)
     batch_keys = ("video", "text_ids", "text_mask")
@@ -143,7 +265,8 @@ def build_run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, ph
         from vdit.latents import build_latent_cache
         from vdit.text import tokenizer_id
 
-        meta = {"dataset": config.data.name, "tokenizer": tokenizer_id(models.text.tokenizer)}
+        # vae_step: latents of an older VAE must not be reused (a cache without it predates the record).
+        meta = {"dataset": config.data.name, "tokenizer": tokenizer_id(models.text.tokenizer), "vae_step": vae_step}
         dataset = build_latent_cache(pathlib.Path(workdir) / "latents", dataset, models=models,
                                      vae_params=frozen["vae"], mesh=mesh, batch_size=global_batch,
                                      frames=config.data.frames, meta=meta, progress=progress)
@@ -155,6 +278,7 @@ def build_run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, ph
     loader = make_loader(
         dataset, batch_size=global_batch // jax.process_count(), seed=config.data.shuffle_seed,
         frames=frames, crop=crop, crop_multiple=models.vae.spatial_factor,
+        resolution=None if batch_keys[0] == "latents" else config.data.resolution,
         tokenizer=models.text.tokenizer, max_text_length=models.text.max_length,
         worker_count=config.data.worker_count,
     )
@@ -165,27 +289,44 @@ def build_run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, ph
     step_fn = T.jit_train_step(step, mesh, rules, shardings, batch_spec, frozen_shardings,
                                compiler_options=T.xla_options(mesh, train_cfg.get("xla_cpu_options")))
     return Run(config, phase, models, mesh, rules, state, shardings, step_fn, frozen, loader, iterator, loss_fn,
-               global_batch, batch_keys, eval_frozen)
+               global_batch, batch_keys, eval_frozen, vae_step)
+
+
+def _phase_step(workdir, phase: str) -> int | None:
+    """The newest checkpoint step of a phase, or None (creating nothing)."""
+    directory = pathlib.Path(workdir) / phase / "checkpoints"
+    if not directory.is_dir():
+        return None
+    with Checkpointer(directory) as ckpt:
+        return ckpt.latest_step()
 
 
 def with_latent_stats(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, dataset, models: Models,
-                      vae_params, mesh, batch_size: int, progress: bool = True) -> ml_collections.ConfigDict:
+                      vae_params, mesh, batch_size: int, progress: bool = True,
+                      vae_step: int | None = None) -> ml_collections.ConfigDict:
     """A copy of ``config`` whose ``vae.latents_mean``/``latents_std`` are the trained VAE's measured statistics.
 
     Measured once over ``train.latent_stats_clips`` training clips and kept in
     ``W/vae/latent_stats.json``, so a resumed or repeated DiT phase (and sampling, which
-    reads the DiT's saved config) normalises latents exactly the same way.
+    reads the DiT's saved config) normalises latents exactly the same way. The file
+    records ``vae_step``; statistics of another VAE step are measured again.
     """
     from vdit.latents import measure_latent_stats
 
     path = pathlib.Path(workdir) / "vae" / "latent_stats.json"
-    if path.exists():
-        stats = json.loads(path.read_text())
-    else:
+    stats = json.loads(path.read_text()) if path.exists() else None
+    if stats is not None and vae_step is not None and stats.get("vae_step", vae_step) != vae_step:
+        # Files without vae_step predate the record and are kept as they are.
+        log.warning("%s holds statistics of VAE step %s; the VAE is at step %d: measuring them again",
+                    path, stats["vae_step"], vae_step)
+        stats = None
+    if stats is None:
         mean, std = measure_latent_stats(dataset, models=models, vae_params=vae_params, mesh=mesh,
                                          batch_size=batch_size, frames=config.data.frames,
                                          num_clips=int(config.train.get("latent_stats_clips", 1024)), progress=progress)
         stats = {"latents_mean": mean.tolist(), "latents_std": std.tolist()}
+        if vae_step is not None:
+            stats["vae_step"] = int(vae_step)
         if jax.process_index() == 0:
             tmp = path.with_suffix(".json.partial")
             tmp.write_text(json.dumps(stats, indent=1))
@@ -259,6 +400,15 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, phase:
     elif jax.process_index() == 0:
         phase_dir.mkdir(parents=True, exist_ok=True)
         (phase_dir / "config.json").write_text(json.dumps(_config_json(config), indent=2))
+        if phase == "dit":
+            tmp = phase_dir / (VAE_RECORD + ".partial")
+            tmp.write_text(json.dumps({"vae_step": run.vae_step}))
+            tmp.rename(phase_dir / VAE_RECORD)
+    if phase == "vae" and start < total and _phase_step(workdir, "dit") is not None:
+        trained = _recorded_vae_step(workdir)
+        log.warning("training the VAE on from step %d, but %s was trained on the latents of %s: that DiT does not "
+                    "fit the new VAE (vdit sample and the DiT phase refuse it); train a DiT for it in a new --workdir",
+                    start, workdir / "dit", "an earlier VAE" if trained is None else f"VAE step {trained}")
 
     writer = MetricsWriter(phase_dir)
     flops = _flops_per_step(run, config) if phase == "dit" else None
@@ -339,7 +489,8 @@ def evaluate_loss(run: Run, num_batches: int = 1) -> dict[str, float]:
     """DiT loss at fixed times ``EVAL_TIMES`` on fixed validation batches (same noise every call)."""
     config = run.config
     try:
-        dataset = open_dataset(config.data.name, config.data.data_dir or None, "validation")
+        dataset = open_dataset(config.data.name, config.data.data_dir or None, "validation",
+                               frames=config.data.frames, resolution=config.data.resolution)
     except FileNotFoundError:
         return {}
     loader = make_loader(dataset, batch_size=run.global_batch // jax.process_count(), seed=0, shuffle=False,
