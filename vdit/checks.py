@@ -1,0 +1,74 @@
+"""Up-front checks of a training run's settings, and of them against its dataset.
+
+``vdit.loop.build_run`` calls them before any model is built, restored or written, so a
+bad setting is one line naming its config key rather than a failure minutes into a run.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+import numpy as np
+
+from vdit.data.common import as_hw
+
+# (key, lowest value, what it means) of the settings both train sections may have.
+_TRAIN_INTS = (("steps", 1, "the step to train to"), ("log_every", 1, "steps between logged metrics"),
+               ("checkpoint_every", 1, "steps between checkpoints"), ("keep_checkpoints", 1, "checkpoints kept"),
+               ("eval_every", 0, "steps between evaluations; 0 turns them off"))
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+    """One-line errors, naming the key, for training settings out of range.
+
+    Both phases' sections are checked, so ``vdit train`` (both phases) stops before
+    training the VAE rather than after it.
+    """
+    for section in ("vae_train", "train"):
+        cfg = config[section]
+        for key, low, what in _TRAIN_INTS:
+            if key not in cfg:
+                continue
+            value = cfg[key]
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+                raise ValueError(f"{section}.{key}={value!r}: expected an integer >= {low} ({what})")
+        if cfg.on_nonfinite not in ("abort", "skip"):
+            raise ValueError(f"{section}.on_nonfinite={cfg.on_nonfinite!r}: expected 'abort' or 'skip'")
+    for key, value, unset in (("data.frames", config.data.frames, False),
+                              ("vae_train.frames", config.vae_train.get("frames", 0), True)):
+        is_int = isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+        if not (is_int and ((unset and value == 0) or (value >= 1 and (value - 1) % 4 == 0))):
+            raise ValueError(f"{key}={value!r}: expected 1 + 4k frames (1, 5, 9, 13, 17, ...)"
+                             f"{', or 0 for data.frames' if unset else ''}")
+    res = config.data.resolution
+    try:
+        as_hw(res)
+    except (TypeError, ValueError):
+        raise ValueError(f"data.resolution={res!r}: expected a positive frame size, an int or (H, W)") from None
+    batch = config.data.batch_size
+    if isinstance(batch, bool) or not isinstance(batch, (int, np.integer)) or batch < 1:
+        raise ValueError(f"data.batch_size={batch!r}: expected an integer >= 1")
+    vae_batch = config.vae_train.get("batch_size", 0)
+    if isinstance(vae_batch, bool) or not isinstance(vae_batch, (int, np.integer)) or vae_batch < 0:
+        raise ValueError(f"vae_train.batch_size={vae_batch!r}: expected an integer >= 1, or 0 for data.batch_size")
+
+
+def check_dataset(config: ml_collections.ConfigDict, dataset, phase: str) -> None:
+    """One-line errors for clip sizes the dataset does not store: nothing resizes or pads its clips."""
+    h, w = dataset.resolution
+    want = as_hw(config.data.resolution)
+    if want != (h, w):
+        fix = str(h) if h == w else f"'({h}, {w})'"
+        # A VAE may train on smaller windows than stored, but data.resolution is what the DiT
+        # trains on and `vdit sample` generates: it must be the stored size.
+        crop = (f"; vae_train.crop={want[0]} trains the VAE on {want[0]}x{want[0]} windows"
+                if phase == "vae" and want[0] == want[1] and want[0] < min(h, w) else "")
+        raise ValueError(f"data.resolution={config.data.resolution!r} but {dataset.name} stores {h}x{w} frames and "
+                         f"clips are never resized: set data.resolution={fix}, or prepare the dataset at "
+                         f"{want[0]}x{want[1]} (vdit prepare ... --resolution){crop}")
+    keys = [("data.frames", config.data.frames)]
+    if phase == "vae" and config.vae_train.get("frames"):
+        keys.append(("vae_train.frames", config.vae_train.frames))
+    for key, frames in keys:
+        if frames > dataset.frames:
+            raise ValueError(f"{key}={frames} but {dataset.name} stores {dataset.frames}-frame clips: set {key} "
+                             f"to at most {dataset.frames} (shorter clips are random windows of the stored ones)")
