@@ -6,7 +6,7 @@ import pytest
 
 from vdit.config import load_config
 from vdit.models import build_models
-from vdit.sample import Pipeline, generate, init_params, sample_key
+from vdit.sample import Pipeline, config_from_workdir, generate, init_params, sample_key
 
 RED, BLUE = "a red circle moving left", "a blue square moving up"
 
@@ -50,3 +50,13 @@ def test_bad_options_are_named(pipe, kwargs, match):
     kwargs = {"prompts": RED, "steps": 2, **kwargs}
     with pytest.raises(ValueError, match=match):
         generate(pipe, **kwargs)
+
+
+def test_a_workdir_without_a_dit_says_what_to_train(tmp_path):
+    (tmp_path / "vae").mkdir()
+    (tmp_path / "vae" / "config.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match=r"has trained only its vae so far; train the dit with `vdit train "
+                                                r"--config CONFIG --workdir .* --phase dit`"):
+        config_from_workdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"is .* a workdir trained with `vdit train`\?"):
+        config_from_workdir(tmp_path / "nothing")

@@ -79,8 +79,11 @@ def phase_sections(config: ml_collections.ConfigDict, phase: str):
     return (config.vae_optim, config.vae_train) if phase == "vae" else (config.optim, config.train)
 
 
-def _train_command(workdir, phase: str) -> str:
-    # The config is not recorded in the workdir; the user supplies the one the run started with.
+def train_command(workdir, phase: str) -> str:
+    """The ``vdit train`` command that trains ``phase`` in ``workdir``, for hints.
+
+    The config is not recorded in the workdir, so ``CONFIG`` stands for the one the run started with.
+    """
     return f"vdit train --config CONFIG --workdir {shlex.quote(str(workdir))} --phase {phase}"
 
 
@@ -105,7 +108,7 @@ def _restore_params(workdir, phase: str, config, models: Models, mesh, rules, *,
     with Checkpointer(directory) as ckpt:
         if ckpt.latest_step() is None:
             raise FileNotFoundError(f"no {phase} checkpoint in {directory}; train it first with "
-                                    f"`{_train_command(workdir, phase)}` (CONFIG: the config name or .py file of "
+                                    f"`{train_command(workdir, phase)}` (CONFIG: the config name or .py file of "
                                     f"this workdir's runs, followed by the same KEY=VALUE overrides)")
         target = T.abstract_state(init, tx, mesh, rules, ema=keep_ema)
         with _explain_mismatch(pathlib.Path(workdir) / phase, config, phase):

@@ -145,6 +145,12 @@ def config_from_workdir(workdir: str | pathlib.Path, phase: str = "dit") -> ml_c
 
     path = pathlib.Path(workdir) / phase / "config.json"
     if not path.exists():
+        trained = [p for p in ("vae", "dit") if (pathlib.Path(workdir) / p / "config.json").exists()]
+        if trained:  # a run that has not reached this phase yet
+            from vdit.loop import train_command
+
+            raise FileNotFoundError(f"{path} not found: {workdir} has trained only its {' and '.join(trained)} "
+                                    f"so far; train the {phase} with `{train_command(workdir, phase)}`")
         raise FileNotFoundError(f"{path} not found; is {workdir} a workdir trained with `vdit train`?")
     return ml_collections.ConfigDict(json.loads(path.read_text()))
 
