@@ -184,11 +184,12 @@ def test_prepare_folder_conflict_names_the_flag(tmp_path, capsys, monkeypatch):
     from vdit.data import folder
 
     def prepared(*a, **kw):  # folder.prepare_folder's message for another --frames on a prepared name
-        raise ValueError("folder:x is already prepared in /d with {'frames': 5}; pass overwrite=True to rebuild")
+        raise ValueError("folder:x is already prepared in /d with {'frames': 5}; pass overwrite=True (--overwrite) "
+                         "to rebuild")
 
     monkeypatch.setattr(folder, "prepare_folder", prepared)
     assert main(["prepare", "folder", "--src", str(tmp_path), "--name", "x", "--frames", "9"]) == 2
-    assert _error(capsys).endswith("pass --overwrite to rebuild")
+    assert _error(capsys).endswith("(--overwrite) to rebuild")
 
 
 # ----------------------------------------------------------------------------- distributed

@@ -95,21 +95,6 @@ def test_crops_are_random_windows_on_the_grid(train):
         make_loader(train, batch_size=2, crop=6, crop_multiple=4)
 
 
-def test_resolution_must_be_the_stored_one(train):
-    # Clips are never resized: a loader asked for another frame size refuses rather than serving 16x16.
-    with pytest.raises(ValueError, match=r"asked for 32x32 frames but moving_shapes/\S+ stores 16x16 \(clips are "
-                                         r"never resized; crop= serves smaller windows\)$"):
-        make_loader(train, batch_size=2, resolution=32)
-    with pytest.raises(ValueError, match=r"asked for 8x8 frames but .* stores 16x16"):
-        make_loader(train, batch_size=2, resolution=8, crop=8)
-    # Smaller training frames are crops of the stored size.
-    batch = next(iter(make_loader(train, batch_size=2, resolution=(16, 16), crop=8, shuffle=False)))
-    assert batch["video"].shape == (2, 5, 8, 8, 3)
-    # Plain record sequences are checked record by record.
-    with pytest.raises(ValueError, match=r"asked for 8x8 frames but the dataset's clips are 4x4"):
-        next(iter(make_loader(fake_source(), batch_size=2, resolution=8)))
-
-
 def test_epochs_and_shuffling():
     src = fake_source(24)
     ids = ids_of(make_loader(src, batch_size=4, seed=3, num_epochs=2, shard_index=0, shard_count=1))

@@ -129,14 +129,9 @@ def _cmd_prepare(args: argparse.Namespace) -> None:
 
         if not args.src or not args.name:
             raise ValueError("vdit prepare folder needs --src DIR (your videos) and --name NAME")
-        try:
-            name = prepare_folder(args.src, args.name, args.data_dir, frames=args.frames, resolution=args.resolution,
-                                  fps=args.fps, stride=args.stride, clips_per_video=args.clips_per_video,
-                                  overwrite=args.overwrite)
-        except ValueError as e:
-            if "overwrite=True" not in str(e):
-                raise
-            raise ValueError(str(e).replace("overwrite=True", "--overwrite")) from None  # the flag a CLI user has
+        name = prepare_folder(args.src, args.name, args.data_dir, frames=args.frames, resolution=args.resolution,
+                              fps=args.fps, stride=args.stride, clips_per_video=args.clips_per_video,
+                              overwrite=args.overwrite)
     print(f"prepared {name}")
 
 

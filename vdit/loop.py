@@ -218,7 +218,6 @@ def build_run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, ph
     loader = make_loader(
         dataset, batch_size=global_batch // jax.process_count(), seed=config.data.shuffle_seed,
         frames=frames, crop=crop, crop_multiple=models.vae.spatial_factor,
-        resolution=None if batch_keys[0] == "latents" else config.data.resolution,
         tokenizer=models.text.tokenizer, max_text_length=models.text.max_length,
         worker_count=config.data.worker_count,
     )

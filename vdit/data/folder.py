@@ -306,7 +306,7 @@ def prepare_folder(
         meta = json.loads((done / "metadata.json").read_text()) if (done / "metadata.json").exists() else {}
         if any(meta.get(k) != v for k, v in _settings(cfg).items()):
             raise ValueError(
-                f"folder:{name} is already prepared in {root} with {meta}; pass overwrite=True to rebuild"
+                f"folder:{name} is already prepared in {root} with {meta}; pass overwrite=True (--overwrite) to rebuild"
             )
         return f"folder:{name}"
     if done is not None:

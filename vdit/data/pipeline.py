@@ -198,12 +198,11 @@ class ToExample(grain.RandomMapTransform):
     """
 
     def __init__(self, tokenizer: Any, frames: int | None, crop: tuple[int, int] | None = None,
-                 crop_multiple: int = 1, resolution: tuple[int, int] | None = None):
+                 crop_multiple: int = 1):
         self.tokenizer = tokenizer
         self.frames = frames
         self.crop = crop
         self.crop_multiple = crop_multiple
-        self.resolution = resolution
 
     def random_map(self, record: dict, rng: np.random.Generator) -> dict:
         """Maps one record; ``rng`` is Grain's per-record generator (picks the frame and crop windows)."""
@@ -216,10 +215,6 @@ class ToExample(grain.RandomMapTransform):
             video = video[start : start + self.frames]
         elif self.frames is not None and self.frames > t:
             raise ValueError(f"asked for {self.frames} frames but the dataset's clips have {t}")
-        if self.resolution is not None and tuple(video.shape[1:3]) != self.resolution:
-            (h, w), (sh, sw) = self.resolution, video.shape[1:3]
-            raise ValueError(f"asked for {h}x{w} frames but the dataset's clips are {sh}x{sw} (clips are never "
-                             f"resized; crop= serves smaller windows)")
         if self.crop is not None:
             video = self._crop(video, rng)
         ids, mask = self.tokenizer.tokenize_one(decode_text(record[CAPTION_KEY]))
@@ -271,7 +266,6 @@ def make_loader(
     frames: int | None = None,
     crop: int | tuple[int, int] | None = None,
     crop_multiple: int = 1,
-    resolution: int | tuple[int, int] | None = None,
     tokenizer: Any = None,
     max_text_length: int = 64,
     worker_count: int = 0,
@@ -294,9 +288,6 @@ def make_loader(
       crop: frame size served, ``(H, W)`` or an int for squares: a random window of every
         clip (the same for all its frames); ``None`` = whole frames.
       crop_multiple: the window's corner lies on a grid of this many pixels.
-      resolution: the frame size ``(H, W)`` (or an int for squares) the clips must be stored
-        at; clips are never resized, so another stored size raises (``crop`` serves smaller
-        windows). ``None`` = whatever is stored.
       tokenizer: has ``tokenize_one(str) -> (ids, mask)``; default
         ``vdit.text.ByteTokenizer(max_text_length)``. Must be picklable for workers.
       max_text_length: tokens per caption for the default tokenizer.
@@ -316,8 +307,6 @@ def make_loader(
         crop = as_hw(crop)
         if crop_multiple < 1 or crop[0] % crop_multiple or crop[1] % crop_multiple:
             raise ValueError(f"crop {crop[0]}x{crop[1]} must be a multiple of crop_multiple={crop_multiple}")
-    if resolution is not None:
-        resolution = as_hw(resolution)
     if tokenizer is None:
         from vdit.text import ByteTokenizer
 
@@ -326,10 +315,6 @@ def make_loader(
         source = _NamedSource(dataset.source, f"{dataset.name}[{dataset.split}]")
         if frames is not None and frames > dataset.frames:
             raise ValueError(f"asked for {frames} frames but {dataset.name} stores {dataset.frames}")
-        if resolution is not None and resolution != tuple(dataset.resolution):
-            raise ValueError(f"asked for {resolution[0]}x{resolution[1]} frames but {dataset.name} stores "
-                             f"{dataset.resolution[0]}x{dataset.resolution[1]} (clips are never resized; crop= "
-                             f"serves smaller windows)")
         if crop is not None and (crop[0] > dataset.resolution[0] or crop[1] > dataset.resolution[1]):
             raise ValueError(f"asked for {crop[0]}x{crop[1]} crops but {dataset.name} stores "
                              f"{dataset.resolution[0]}x{dataset.resolution[1]} frames")
@@ -357,7 +342,7 @@ def make_loader(
     return grain.DataLoader(
         data_source=source,
         sampler=_GlobalBatchOrder(sampler, batch_size, shard_options.shard_count),
-        operations=[ToExample(tokenizer, frames, crop, crop_multiple, resolution), grain.Batch(batch_size, drop_remainder=True)],
+        operations=[ToExample(tokenizer, frames, crop, crop_multiple), grain.Batch(batch_size, drop_remainder=True)],
         worker_count=worker_count,
         worker_buffer_size=worker_buffer_size,
         shard_options=shard_options,
