@@ -9,7 +9,7 @@ def get_config(arg=None):
     Sized by measurement on a 2-core CPU (the issue notes hold the sweeps): the VAE
     without residual blocks learns faster per second than deeper ones, trained as a
     plain L2 autoencoder on 16x16 windows of 17-frame clips; the DiT's blocks are unrolled,
-    each recomputed in the backward pass (docs/performance.md, remat).
+    keeping every activation for the backward pass (docs/performance.md, remat).
     """
     del arg
     c = base_config()
@@ -28,11 +28,12 @@ def get_config(arg=None):
     # three 44% train, 31% heldout); with words 100% (67%, 59%). Same machine, VAE and
     # DiT; README, Results.
     c.text.update(tokenizer="words", max_length=40, width=128, depth=2, num_heads=4, mlp_ratio=2.0)
-    # remat "full": with bf16 matmuls, recomputing each block in the backward pass beats
-    # keeping its matmul outputs ("dots") on XLA:CPU: 0.336 s a step against 0.404-0.431 s,
-    # 138 MiB of temp buffers against 238; "none" 0.505 s, 790 MiB (2-core Xeon, 2026-12-06,
-    # `vdit bench train --config shapes_cpu --remat full,dots,none --no_xcheck`). Until
-    # 2026-12-06 "dots" saved no bf16 matmul and so ran as "full" (vdit.layers.see_through_matmuls).
+    # remat "none": with unrolled blocks no recomputation at all is the fastest on XLA:CPU. On a
+    # 2-core AMD EPYC (2026-12-06) the bench step took 0.307 s against 0.351 s ("dots") and 0.377 s
+    # ("full"), with 422 MiB of temp buffers against 216 and 135 (`vdit bench train --config
+    # shapes_cpu --remat none,dots,full --no_xcheck`, docs/performance.md, "remat in the demo"),
+    # and `vdit train` ran 2.70-2.90 DiT steps/s against 2.25-2.45. The demo used "full" until
+    # then, chosen on a Xeon while the blocks were scanned (0.336 s against 0.530 s "none").
     # Matmul operands in bf16, everything else in f32: XLA:CPU runs bf16 x bf16 -> f32
     # matmuls on the CPU's AMX units, 1.39-1.43x the DiT steps/s of f32 (docs/performance.md).
     # Color and shape were learned as in f32; at 16 clips a step direction varied between
@@ -42,7 +43,7 @@ def get_config(arg=None):
     # 2026-12-06). A workdir trained scanned (before 2026-12-06) resumes with
     # dit.scan_layers=true.
     c.dit.update(in_channels=16, width=192, depth=6, num_heads=6, mlp_dim=768, text_dim=128, freq_dim=128,
-                 scan_layers=False, remat="full", dtype="bfloat16", activation_dtype="float32")
+                 scan_layers=False, remat="none", dtype="bfloat16", activation_dtype="float32")
     # 1,000 DiT steps: a step of 32 clips costs 1.5-1.8x one of 16, so this is the time of about
     # 1,500 steps of 16 clips (demo 13 min 20 s). Direction is learned by step 1,000 (97.9-100%
     # on train prompts in three 1,000-step runs); shape is the thinnest margin (89.6-100%).
