@@ -28,12 +28,14 @@ def get_config(arg=None):
     # three 44% train, 31% heldout); with words 100% (67%, 59%). Same machine, VAE and
     # DiT; README, Results.
     c.text.update(tokenizer="words", max_length=40, width=128, depth=2, num_heads=4, mlp_ratio=2.0)
-    # remat "none": with unrolled blocks no recomputation at all is the fastest on XLA:CPU. On a
-    # 2-core AMD EPYC (2026-12-06) the bench step took 0.307 s against 0.351 s ("dots") and 0.377 s
+    # remat "none": with unrolled blocks, no recomputation at all was the fastest where measured.
+    # On a 2-core AMD EPYC (2026-12-06) the bench step took 0.307 s against 0.351 s ("dots") and 0.377 s
     # ("full"), with 422 MiB of temp buffers against 216 and 135 (`vdit bench train --config
-    # shapes_cpu --remat none,dots,full --no_xcheck`, docs/performance.md, "remat in the demo"),
-    # and `vdit train` ran 2.70-2.90 DiT steps/s against 2.25-2.45. The demo used "full" until
-    # then, chosen on a Xeon while the blocks were scanned (0.336 s against 0.530 s "none").
+    # shapes_cpu --remat none,dots,full --no_xcheck`, its first run; later ones spread, see the docs),
+    # and `vdit train` ran 2.78-2.85 DiT steps/s against 2.09-2.35 in three alternated pairs
+    # (docs/performance.md, "remat in the demo").
+    # The demo used "full" until then, chosen on a Xeon while the blocks were scanned (0.336 s
+    # against 0.530 s "none"); unrolled "none" was not timed on a Xeon.
     # Matmul operands in bf16, everything else in f32: XLA:CPU runs bf16 x bf16 -> f32
     # matmuls on the CPU's AMX units, 1.39-1.43x the DiT steps/s of f32 (docs/performance.md).
     # Color and shape were learned as in f32; at 16 clips a step direction varied between
