@@ -79,5 +79,6 @@ def base_config() -> ml_collections.ConfigDict:
         checkpoint_every=500, keep_checkpoints=3, on_nonfinite="abort",
         xla_cpu_options=ml_collections.ConfigDict(cpu_convs_off_ynnpack),
     ))
-    c.sample = ml_collections.ConfigDict(dict(sampler="unipc", steps=30, cfg=5.0, negative_prompt="", seed=0))
+    # eta: DDIM stochasticity in [0, 1] (sampler "ddim" on a VP schedule; 0 is deterministic).
+    c.sample = ml_collections.ConfigDict(dict(sampler="unipc", steps=30, cfg=5.0, negative_prompt="", seed=0, eta=0.0))
     return c

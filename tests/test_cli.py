@@ -90,6 +90,18 @@ def test_sample_refuses_existing_outputs_before_sampling(tmp_path, capsys, no_sa
     assert "wrote 1 videos" in capsys.readouterr().out
 
 
+def test_sample_passes_eta_to_generate(tmp_path, monkeypatch, capsys):
+    import vdit.sample
+
+    seen = []
+    monkeypatch.setattr(vdit.sample, "load_pipeline", lambda *a, **kw: None)
+    monkeypatch.setattr(vdit.sample, "generate", lambda pipe, prompts, num_per_prompt, **kw:
+                        seen.append(kw["eta"]) or _videos(len(prompts) * num_per_prompt))
+    for i, extra in enumerate((["--sampler", "ddim", "--eta", "0.5"], [])):
+        assert main(["sample", "--workdir", str(tmp_path), "--prompt", "a", "--out", str(tmp_path / str(i)), *extra]) == 0
+    assert seen == [0.5, None]  # unset: the config's sample.eta
+
+
 def test_sample_into_a_new_out_folder(tmp_path, capsys, no_sampling):
     no_sampling()
     out = tmp_path / "new" / "out"

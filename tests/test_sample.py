@@ -60,3 +60,29 @@ def test_a_workdir_without_a_dit_says_what_to_train(tmp_path):
         config_from_workdir(tmp_path)
     with pytest.raises(FileNotFoundError, match=r"is .* a workdir trained with `vdit train`\?"):
         config_from_workdir(tmp_path / "nothing")
+
+
+@pytest.fixture(scope="module")
+def vp_pipe():
+    from vdit.config import override
+
+    # v-prediction: the untrained (zero-output, adaLN-zero) DiT then predicts x0 = alpha x, which
+    # keeps what DDIM's step noise adds visible (with eps, x0 = x / alpha drowns it at t = 1).
+    config = override(load_config("tiny"), ["schedule.kind=vp", "schedule.prediction=v", "sample.sampler=ddim"])
+    models = build_models(config)
+    return Pipeline(models, init_params(models, config, jax.random.key(0)), config)
+
+
+def test_stochastic_ddim_noise_follows_each_sample_too(vp_pipe):
+    both = generate(vp_pipe, [RED, BLUE], num_per_prompt=2, steps=3, seed=3, eta=1.0)
+    _close(generate(vp_pipe, [BLUE], steps=3, seed=3, eta=1.0)[0], both[2])  # the step noise is per sample
+    _close(generate(vp_pipe, [RED, BLUE], num_per_prompt=2, steps=3, seed=3, eta=1.0), both)  # and reproducible
+    deterministic = generate(vp_pipe, [RED, BLUE], num_per_prompt=2, steps=3, seed=3)  # sample.eta = 0
+    assert np.abs(deterministic.astype(int) - both).max() > 10  # eta > 0 did draw noise
+
+
+def test_eta_is_checked_before_compiling(pipe, vp_pipe):
+    with pytest.raises(ValueError, match=r"eta only applies to sampler 'ddim', got eta=0.5 with 'unipc'"):
+        generate(pipe, RED, steps=2, eta=0.5)
+    with pytest.raises(ValueError, match=r"eta must be in \[0, 1\], got 1.5"):
+        generate(vp_pipe, RED, steps=2, eta=1.5)

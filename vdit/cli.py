@@ -101,7 +101,8 @@ def _cmd_sample(args: argparse.Namespace) -> None:
         media.check_can_write(out, files, hint="pass --out DIR to write elsewhere or --overwrite to replace them")
     pipe = load_pipeline(args.workdir, ema=not args.no_ema)
     videos = generate(pipe, args.prompt, num_per_prompt=args.num, steps=args.steps, sampler=args.sampler,
-                      cfg=args.cfg, seed=args.seed, negative_prompt=args.negative_prompt)
+                      cfg=args.cfg, seed=args.seed, negative_prompt=args.negative_prompt,
+                      eta=args.eta)
     paths = save_samples(videos, args.prompt, out, num_per_prompt=args.num, overwrite=args.overwrite)
     print(f"wrote {len(paths['mp4'])} videos (mp4 + gif), {paths['grid']} and {paths['contact_sheet']}")
 
@@ -220,6 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--cfg", type=float, help="classifier-free guidance scale (default: config sample.cfg)")
     sample.add_argument("--negative_prompt", help="prompt to guide away from (default: the empty prompt)")
     sample.add_argument("--seed", type=int, help="noise seed (default: config sample.seed)")
+    sample.add_argument("--eta", type=float,
+                        help="DDIM stochasticity in [0, 1], with --sampler ddim on a VP schedule (default: config sample.eta)")
     sample.add_argument("--out", help="output folder (default: WORKDIR/samples)")
     sample.add_argument("--overwrite", action="store_true",
                         help="replace files of the same names in the output folder (default: refuse)")

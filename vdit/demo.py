@@ -138,7 +138,7 @@ def run_demo(workdir: str | pathlib.Path, *, quick: bool = False, data_dir: str 
     # overrides (``sample.cfg=6`` on a finished workdir) are what the user asked for now.
     opts = config.sample
     videos = generate(pipe, texts, num_per_prompt=seeds, steps=opts.steps, sampler=opts.sampler, cfg=opts.cfg,
-                      seed=opts.seed, negative_prompt=opts.negative_prompt)
+                      seed=opts.seed, negative_prompt=opts.negative_prompt, eta=opts.get("eta"))
     samples = workdir / "samples"
     labels = [f"{'H ' if split == 'heldout' else ''}{c} {s} {d}"
               for _, (c, s, d), split in prompts for _ in range(seeds)]

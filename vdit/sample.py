@@ -22,7 +22,7 @@ import numpy as np
 
 from vdit import media
 from vdit.models import Models
-from vdit.samplers import classifier_free_guidance, sample
+from vdit.samplers import check_options, classifier_free_guidance, sample
 from vdit.sharding import batch_divisor, batch_sharding, make_mesh, replicated
 from vdit.vae import CausalVAE
 
@@ -42,8 +42,8 @@ def latent_shape(pipe: Pipeline, frames: int, resolution: int | tuple[int, int])
     return pipe.models.vae.latent_shape((1, frames, h, w, pipe.models.vae.in_channels))[1:]
 
 
-@functools.partial(jax.jit, static_argnames=("models", "sampler", "steps", "guided"))
-def _generate(params, ids, mask, uncond_ids, uncond_mask, noise, scale, *, models, sampler, steps, guided):
+@functools.partial(jax.jit, static_argnames=("models", "sampler", "steps", "guided", "eta"))
+def _generate(params, ids, mask, uncond_ids, uncond_mask, noise, keys, scale, *, models, sampler, steps, guided, eta):
     emb = models.text.apply(params["text"], ids, mask)
     uncond = (models.text.apply(params["text"], uncond_ids, uncond_mask), uncond_mask)
 
@@ -51,7 +51,7 @@ def _generate(params, ids, mask, uncond_ids, uncond_mask, noise, scale, *, model
         return models.dit.apply({"params": params["dit"]}, x, t, *context)
 
     denoise = classifier_free_guidance(model_fn, (emb, mask), uncond, scale if guided else 1.0)
-    z = sample(denoise, noise, schedule=models.schedule, sampler=sampler, num_steps=steps)
+    z = sample(denoise, noise, schedule=models.schedule, sampler=sampler, num_steps=steps, key=keys, eta=eta)
     return models.vae.apply({"params": params["vae"]}, z, method=CausalVAE.decode)
 
 
@@ -75,6 +75,7 @@ def generate(
     cfg: float | None = None,
     seed: int | None = None,
     negative_prompt: str | None = None,
+    eta: float | None = None,
     frames: int | None = None,
     resolution: int | tuple[int, int] | None = None,
     mesh=None,
@@ -82,8 +83,10 @@ def generate(
     """Samples videos for ``prompts``; returns uint8 ``(len(prompts) * num_per_prompt, T, H, W, 3)``.
 
     Unset options (``None``) come from the config's ``sample`` and ``data`` sections.
-    Video ``j`` of a prompt starts from the noise of ``sample_key(seed, prompt, j)``. The
-    batch is split over the mesh's data axes (padded to a multiple of them).
+    Video ``j`` of a prompt starts from the noise of ``sample_key(seed, prompt, j)``; with
+    ``sampler="ddim"`` and ``eta > 0`` (VP schedules) that key also draws its noise at each
+    step, so stochastic sampling is as independent of the batch as the start. The batch is
+    split over the mesh's data axes (padded to a multiple of them).
     """
     from vdit.text import as_prompt_list
 
@@ -91,6 +94,7 @@ def generate(
     pick = lambda value, default: default if value is None else value  # noqa: E731
     steps, sampler, cfg, seed = pick(steps, s.steps), pick(sampler, s.sampler), pick(cfg, s.cfg), pick(seed, s.seed)
     negative_prompt = pick(negative_prompt, s.negative_prompt)
+    eta = float(pick(eta, s.get("eta", 0.0)))  # workdirs from before sample.eta lack the key
     for name, value in (("num_per_prompt", num_per_prompt), ("steps", steps)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
             raise ValueError(f"generate: {name} must be a positive integer, got {value!r}")
@@ -100,6 +104,8 @@ def generate(
     if not prompts:
         raise ValueError("generate: prompts is empty; pass a str or a non-empty list of str")
     keys = [sample_key(seed, p, j) for p in prompts for j in range(num_per_prompt)]
+    # Before tokenizing and compiling: the sampler's own one-line errors (name, schedule, eta).
+    check_options(sampler, pipe.models.schedule, steps, eta, keys[0])
     prompts = [p for p in prompts for _ in range(num_per_prompt)]
     n = len(prompts)
     mesh = mesh or make_mesh({"data": 1}, jax.devices()[:1])
@@ -112,8 +118,10 @@ def generate(
     put = lambda x: jax.device_put(x, batch_sharding(mesh, np.ndim(x)))  # noqa: E731
     params = jax.device_put(pipe.params, replicated(mesh))
     video = _generate(
-        params, put(ids), put(mask), uncond_ids, uncond_mask, put(noise), jnp.float32(cfg),
-        models=pipe.models, sampler=sampler, steps=int(steps), guided=cfg != 1.0,
+        params, put(ids), put(mask), uncond_ids, uncond_mask, put(noise),
+        # The start noise is normal(key); DDIM's step noise is normal(fold_in(key, step)).
+        put(jnp.stack(keys)) if eta > 0 else None, jnp.float32(cfg),
+        models=pipe.models, sampler=sampler, steps=int(steps), guided=cfg != 1.0, eta=eta,
     )
     return media.to_uint8(np.asarray(jax.device_get(video))[:n])
 

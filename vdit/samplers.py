@@ -65,7 +65,8 @@ def num_model_calls(sampler: str, num_steps: int) -> int:
     return 2 * num_steps - 1 if sampler == "heun" else num_steps
 
 
-def _validate(sampler: str, schedule: Schedule, num_steps: int, eta: float, key) -> None:
+def check_options(sampler: str, schedule: Schedule, num_steps: int, eta: float, key) -> None:
+    """Raises a one-line ``ValueError`` for options ``sample`` cannot run (callers check before compiling)."""
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; valid: {', '.join(SAMPLERS)}")
     if schedule.kind not in SAMPLERS[sampler]:
@@ -224,7 +225,7 @@ def sample(
       ValueError: unknown sampler, one that does not fit the schedule,
         ``num_steps < 1``, or a bad ``eta``/``key``.
     """
-    _validate(sampler, schedule, num_steps, eta, key)
+    check_options(sampler, schedule, num_steps, eta, key)
     t = time_grid(num_steps, schedule)
     alpha, sigma = _alpha_sigma(t, schedule, np)
     if sampler == "euler":
