@@ -82,3 +82,20 @@ def test_override_none_unsets_a_key():
     assert build_models(config).dit.activation_dtype is None
     with pytest.raises(ValueError, match=r"config key 'dit.width' cannot be None: it is int \(\d+\) and has no unset"):
         override(load_config("tiny"), ["dit.width=None"])
+
+
+def test_a_recorded_config_json_loads_as_the_config_it_records(tmp_path):
+    config = override(load_config("shapes_cpu"), ["train.steps=7", "data.data_dir=/data"])
+    path = tmp_path / "config.json"
+    path.write_text(config.to_json_best_effort())
+    loaded = load_config(str(path))
+    assert loaded.to_dict() == config.to_dict()  # tuples come back as tuples
+    assert override(loaded, ["dit.depth=2"]).dit.depth == 2  # locked and overridable like any config
+    with pytest.raises(AttributeError):
+        loaded.no_such_section = 1
+    for text, match in (("{", "is not readable JSON"), ('{"dit": {}}', "not a config a vdit run recorded")):
+        path.write_text(text)
+        with pytest.raises(ValueError, match=match):
+            load_config(str(path))
+    with pytest.raises(ValueError, match=r"does not exist; a workdir records its config as W/vae/config.json"):
+        load_config(str(tmp_path / "missing.json"))

@@ -280,12 +280,19 @@ def test_missing_dit_names_a_runnable_train_command(vae_workdir, tmp_path):
     workdir = _with_vae(vae_workdir, tmp_path / "has space")
     config = load_config("tiny")
     with pytest.raises(FileNotFoundError, match=r"no dit checkpoint in .*; train it first with `vdit train "
-                                                r"--config CONFIG --workdir .* --phase dit` \(CONFIG: ") as e:
+                                                r"--config .*config.json' --workdir .* --phase dit`$") as e:
         load_params(workdir, "dit", config, build_models(config), make_mesh({"data": 1}, jax.devices()[:1]),
                     rules_from_config(config.sharding_rules))
-    command = shlex.split(str(e.value).split("`")[1].replace("CONFIG", "tiny"))
+    command = shlex.split(str(e.value).split("`")[1])
     args = build_parser().parse_args(command[1:])
-    assert (args.command, args.config, args.workdir, args.phase) == ("train", "tiny", str(workdir), "dit")
+    recorded = workdir / "vae" / "config.json"
+    assert (args.command, args.config, args.workdir, args.phase) == ("train", str(recorded), str(workdir), "dit")
+    # the VAE run's whole config, overrides included
+    assert json.loads(load_config(args.config).to_json_best_effort()) == json.loads(recorded.read_text())
+
+    with pytest.raises(FileNotFoundError, match=r"--config CONFIG --workdir .* --phase vae` \(CONFIG: "):
+        load_params(tmp_path / "empty", "vae", config, build_models(config), make_mesh({"data": 1}, jax.devices()[:1]),
+                    rules_from_config(config.sharding_rules))
 
 
 def test_dit_refuses_a_vae_trained_on_after_it(data, vae_workdir, tmp_path, caplog, capsys):

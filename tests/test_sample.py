@@ -56,7 +56,7 @@ def test_a_workdir_without_a_dit_says_what_to_train(tmp_path):
     (tmp_path / "vae").mkdir()
     (tmp_path / "vae" / "config.json").write_text("{}")
     with pytest.raises(FileNotFoundError, match=r"has trained only its vae so far; train the dit with `vdit train "
-                                                r"--config CONFIG --workdir .* --phase dit`"):
+                                                r"--config .*vae/config.json --workdir .* --phase dit`"):
         config_from_workdir(tmp_path)
     with pytest.raises(FileNotFoundError, match=r"is .* a workdir trained with `vdit train`\?"):
         config_from_workdir(tmp_path / "nothing")

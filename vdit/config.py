@@ -3,7 +3,8 @@
 A config is a Python file with ``get_config(arg=None) -> ConfigDict``. It is named
 either by path (``configs/tiny.py``, ``configs/tiny.py:variant``) or by the bare
 name of a config shipped with vdit (``tiny``, ``wan2_1_t2v_1_3b:pod``), so it works
-after a non-editable install too. Returned configs are locked: assigning a key
+after a non-editable install too. The ``config.json`` a training run records in its
+workdir (``W/vae/config.json``) loads as well, as the whole config of that run. Returned configs are locked: assigning a key
 that does not exist is an error that names the closest valid key.
 """
 
@@ -13,6 +14,7 @@ import ast
 import difflib
 import importlib
 import importlib.util
+import json
 import pathlib
 from typing import Iterable
 
@@ -26,7 +28,9 @@ def available_configs() -> list[str]:
 
 
 def load_config(spec: str) -> ml_collections.ConfigDict:
-    """Loads ``path.py[:arg]`` or ``name[:arg]`` and returns the locked config."""
+    """Loads ``path.py[:arg]``, ``name[:arg]`` or a recorded ``config.json``; returns the locked config."""
+    if spec.endswith(".json"):
+        return _load_recorded(pathlib.Path(spec))
     name, _, arg = spec.partition(":")
     path = pathlib.Path(name)
     if path.suffix == ".py":
@@ -44,6 +48,29 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
                 f"unknown config {name!r}{hint} (shipped: {', '.join(known)}; or pass a path to a .py file)")
         module = importlib.import_module(f"vdit.configs.{name}")
     config = module.get_config(arg or None)
+    config.lock()
+    return config
+
+
+def _load_recorded(path: pathlib.Path) -> ml_collections.ConfigDict:
+    """The config a training run wrote to ``W/<phase>/config.json`` (JSON lists back to tuples)."""
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"config file {str(path)!r} does not exist; a workdir records its config as "
+                         f"W/vae/config.json and W/dit/config.json") from None
+    except (OSError, ValueError) as e:
+        raise ValueError(f"config file {str(path)!r} is not readable JSON ({e})") from None
+    if not isinstance(data, dict) or not all(isinstance(data.get(k), dict) for k in ("vae", "text", "dit")):
+        raise ValueError(f"config file {str(path)!r} is not a config a vdit run recorded (expected a JSON object "
+                         f"with 'vae', 'text' and 'dit' sections)")
+
+    def retuple(value):
+        if isinstance(value, dict):
+            return {k: retuple(v) for k, v in value.items()}
+        return tuple(retuple(v) for v in value) if isinstance(value, list) else value
+
+    config = ml_collections.ConfigDict(retuple(data))
     config.lock()
     return config
 

@@ -82,9 +82,13 @@ def phase_sections(config: ml_collections.ConfigDict, phase: str):
 def train_command(workdir, phase: str) -> str:
     """The ``vdit train`` command that trains ``phase`` in ``workdir``, for hints.
 
-    The config is not recorded in the workdir, so ``CONFIG`` stands for the one the run started with.
+    Its config is the one the workdir's first phase recorded (``W/vae/config.json``), or,
+    before anything was trained there, the placeholder ``CONFIG``.
     """
-    return f"vdit train --config CONFIG --workdir {shlex.quote(str(workdir))} --phase {phase}"
+    w = pathlib.Path(workdir)
+    recorded = next((p for p in (w / "vae" / "config.json", w / "dit" / "config.json") if p.exists()), None)
+    config = shlex.quote(str(recorded)) if recorded else "CONFIG"
+    return f"vdit train --config {config} --workdir {shlex.quote(str(workdir))} --phase {phase}"
 
 
 def load_params(workdir: str | pathlib.Path, phase: str, config: ml_collections.ConfigDict, models: Models,
@@ -107,9 +111,11 @@ def _restore_params(workdir, phase: str, config, models: Models, mesh, rules, *,
     keep_ema = phase == "dit" and train_cfg.ema_decay > 0
     with Checkpointer(directory) as ckpt:
         if ckpt.latest_step() is None:
-            raise FileNotFoundError(f"no {phase} checkpoint in {directory}; train it first with "
-                                    f"`{train_command(workdir, phase)}` (CONFIG: the config name or .py file of "
-                                    f"this workdir's runs, followed by the same KEY=VALUE overrides)")
+            command = train_command(workdir, phase)
+            placeholder = (" (CONFIG: the config name or .py file of this workdir's runs, followed by the same "
+                           "KEY=VALUE overrides)" if "CONFIG" in command.split() else "")
+            raise FileNotFoundError(f"no {phase} checkpoint in {directory}; train it first with `{command}`"
+                                    f"{placeholder}")
         target = T.abstract_state(init, tx, mesh, rules, ema=keep_ema)
         with _explain_mismatch(pathlib.Path(workdir) / phase, config, phase):
             step, state, _ = ckpt.restore(target, relayout=_RELAYOUT[phase])
