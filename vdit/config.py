@@ -4,8 +4,9 @@ A config is a Python file with ``get_config(arg=None) -> ConfigDict``. It is nam
 either by path (``configs/tiny.py``, ``configs/tiny.py:variant``) or by the bare
 name of a config shipped with vdit (``tiny``, ``wan2_1_t2v_1_3b:pod``), so it works
 after a non-editable install too. The ``config.json`` a training run records in its
-workdir (``W/vae/config.json``) loads as well, as the whole config of that run. Returned configs are locked: assigning a key
-that does not exist is an error that names the closest valid key.
+workdir (``W/vae/config.json``) loads as well, as the whole config of that run.
+Returned configs are locked: assigning a key that does not exist is an error that
+names the closest valid key.
 """
 
 from __future__ import annotations
