@@ -148,8 +148,8 @@ def init_params(models: Models, config: ml_collections.ConfigDict, key: jax.Arra
 
 
 def config_from_workdir(workdir: str | pathlib.Path, phase: str = "dit") -> ml_collections.ConfigDict:
-    """The config a workdir's phase was trained with (saved as ``W/<phase>/config.json``)."""
-    import json
+    """The config a workdir's phase was trained with (saved as ``W/<phase>/config.json``), locked."""
+    from vdit.config import load_config
 
     path = pathlib.Path(workdir) / phase / "config.json"
     if not path.exists():
@@ -160,7 +160,7 @@ def config_from_workdir(workdir: str | pathlib.Path, phase: str = "dit") -> ml_c
             raise FileNotFoundError(f"{path} not found: {workdir} has trained only its {' and '.join(trained)} "
                                     f"so far; train the {phase} with `{train_command(workdir, phase)}`")
         raise FileNotFoundError(f"{path} not found; is {workdir} a workdir trained with `vdit train`?")
-    return ml_collections.ConfigDict(json.loads(path.read_text()))
+    return load_config(str(path))
 
 
 def load_pipeline(workdir: str | pathlib.Path, *, ema: bool = True, mesh=None) -> Pipeline:
