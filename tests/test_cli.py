@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from vdit import media
-from vdit.cli import main
+from vdit.cli import build_parser, main, parse_command
 
 
 def _error(capsys) -> str:
@@ -303,3 +303,18 @@ def test_demo_refuses_samples_it_did_not_write_before_any_work(tmp_path, capsys)
 
     (workdir / "samples" / LABELLED_GRID).write_bytes(b"")  # an earlier demo's samples: replaced on a rerun
     check_samples_writable(workdir / "samples", sample_names(2))
+
+
+# ----------------------------------------------------------------------------- overrides
+
+
+def test_overrides_may_stand_on_both_sides_of_an_option():
+    # docs/performance.md's A/B commands: `A="--config ... k=v"; vdit train $A --phase dit k2=v2`
+    args = parse_command(build_parser(), ["train", "--config", "shapes_cpu", "--workdir", "W", "data.name=x",
+                                          "--phase", "dit", "train.steps=200", "--config.optim.lr", "1e-3"])
+    assert args.phase == "dit" and args.overrides == ["data.name=x", "train.steps=200", "optim.lr=1e-3"]
+
+
+def test_a_stray_word_after_the_overrides_is_still_rejected(capsys):
+    argv = ["train", "--config", "tiny", "--workdir", "W", "a.b=1", "--phase", "dit", "stray"]
+    assert _parse_error(capsys, argv) == "vdit: error: unrecognized arguments: stray"

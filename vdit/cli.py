@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import pathlib
+import re
 import sys
 
 
@@ -286,6 +287,23 @@ def _split_overrides(argv: list[str]) -> list[str]:
     return out
 
 
+def parse_command(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """Parses a ``vdit`` command line whose ``KEY=VALUE`` overrides may stand anywhere.
+
+    argparse takes a positional list in one unbroken run, so ``vdit train $A --phase dit
+    train.steps=200`` (overrides in ``$A`` and after ``--phase``) would leave the second
+    run unrecognized; those are overrides too.
+    """
+    args, extra = parser.parse_known_args(_split_overrides(argv))
+    if extra and hasattr(args, "overrides") and all(_OVERRIDE.match(e) for e in extra):
+        args.overrides = [*(args.overrides or []), *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
+_OVERRIDE = re.compile(r"[A-Za-z_][\w.]*=")
+
 HUGEPAGE_TUNABLE = "glibc.malloc.hugetlb=1"
 
 
@@ -361,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
             pass  # the same command then simply runs on 4 KiB pages
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = parser.parse_args(_split_overrides(argv))
+    args = parse_command(parser, argv)
     args.argv = argv  # the command as typed, stamped on benchmark results
     try:
         _check_folder_args(args)
