@@ -1,4 +1,4 @@
-"""small: one GPU or TPU host; 8x spatial / 4x temporal VAE with 16 channels, ~130M DiT."""
+"""small: one GPU or TPU host; 8x spatial / 4x temporal VAE with 16 channels, ~119M DiT."""
 
 from vdit.configs._base import base_config
 

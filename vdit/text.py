@@ -362,10 +362,14 @@ class TextEncoder(Protocol):
     Attributes:
       max_length: tokens per prompt ``L`` (fixed, so consumers compile once).
       width: embedding width ``D``.
+      tokenizer: the host-side tokenizer the data pipeline runs on captions:
+        ``tokenizer(prompts) -> (ids, mask)``, with ``max_length`` and ``vocab_size``
+        (``tokenizer_id`` stamps cached latents with them).
     """
 
     max_length: int
     width: int
+    tokenizer: Any
 
     def tokenize(self, prompts: str | Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """Host-side: prompts -> ``ids`` int32 ``(B, L)``, ``mask`` bool ``(B, L)``."""

@@ -44,15 +44,15 @@ for p in $phases; do
     train)
       for t in 16k:61 32k:125; do
         run 200 "train_${t%:*}" $py -m vdit bench train --config small dit.attention_impl=cudnn data.frames=${t#*:} \
-          data.resolution=512 --batch 1 --remat dots,none --no_xcheck --json "docs/bench/train_small_${t%:*}_gpu.json"
+          data.resolution=512 --batch 1 --remat dots,none --no_xcheck --json "docs/bench/train_small_${t%:*}_d128_gpu.json"
       done ;;
     attention) run 60 attention $py -m vdit bench attention --config small --impl cudnn,chunked,xla \
-      --seq 4096,16384,32768 --json docs/bench/attention_small_gpu.json ;;
+      --seq 4096,16384,32768 --json docs/bench/attention_small_d128_gpu.json ;;
     heads64)
       run 40 attention_d64 $py -m vdit bench attention --config small dit.num_heads=12 --impl cudnn \
-        --seq 4096,16384,32768 --json docs/bench/attention_small_d64_gpu.json
+        --seq 4096,16384,32768 --json docs/bench/attention_small_d64_cudnn_gpu.json
       run 90 train_32k_d64 $py -m vdit bench train --config small dit.num_heads=12 dit.attention_impl=cudnn \
-        data.frames=125 data.resolution=512 --batch 1 --remat none --no_xcheck --json docs/bench/train_small_32k_d64_gpu.json ;;
+        data.frames=125 data.resolution=512 --batch 1 --remat none --no_xcheck --json docs/bench/train_small_32k_d64_none_gpu.json ;;
     # Without command buffers (CUDA graphs) each kernel event names its own HLO op, not the graph.
     profile) (export XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_command_buffer="
       run 150 profile $py -m vdit bench train "${small16k[@]}" --remat none --no_xcheck --profile "$logs/prof") ;;
