@@ -1,12 +1,14 @@
 """``generate``: a sample's noise follows its seed, prompt and number, not its place in the batch."""
 
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
 
 from vdit.config import load_config
 from vdit.models import build_models
-from vdit.sample import Pipeline, config_from_workdir, generate, init_params, sample_key
+from vdit.sample import Pipeline, config_from_workdir, generate, init_params, latent_shape, sample_key
 
 RED, BLUE = "a red circle moving left", "a blue square moving up"
 
@@ -45,6 +47,14 @@ def test_sample_key_depends_on_seed_prompt_and_index():
     (dict(num_per_prompt=0), r"generate: num_per_prompt must be a positive integer, got 0"),
     (dict(steps=2.5), r"generate: steps must be a positive integer, got 2.5"),
     (dict(prompts=[]), r"generate: prompts is empty"),
+    (dict(seed="abc"), r"generate: seed must be an integer, got 'abc'"),
+    (dict(cfg=float("nan")), r"generate: cfg \(the guidance scale\) must be a finite number, got nan"),
+    (dict(frames=5.0), r"frames=5.0: expected a positive integer"),
+    (dict(frames=6), r"expected T = 1 \+ 4k frames, got 6; nearest valid: 5 or 9"),
+    (dict(resolution=(16,)), r"resolution=\(16,\): expected a positive int or an \(H, W\) pair"),
+    # tiny: a 4x VAE under 2x2 patches, so 8 pixels a token; 20 would make a latent the DiT cannot patch
+    (dict(resolution=20), r"resolution H=20: expected a multiple of 8 .*; nearest: 16 or 24"),
+    (dict(resolution=(16, 12)), r"resolution W=12: expected a multiple of 8 .*; nearest: 8 or 16"),
 ])
 def test_bad_options_are_named(pipe, kwargs, match):
     kwargs = {"prompts": RED, "steps": 2, **kwargs}
@@ -86,3 +96,13 @@ def test_eta_is_checked_before_compiling(pipe, vp_pipe):
         generate(pipe, RED, steps=2, eta=0.5)
     with pytest.raises(ValueError, match=r"eta must be in \[0, 1\], got 1.5"):
         generate(vp_pipe, RED, steps=2, eta=1.5)
+
+
+def test_frames_must_fill_the_dits_temporal_patches(pipe):
+    models = dataclasses.replace(pipe.models, dit=pipe.models.dit.clone(patch_size=(2, 2, 2)))
+    two = Pipeline(models, None, pipe.config)
+    assert latent_shape(two, 5, 16)[0] == 2 and latent_shape(two, 13, 16)[0] == 4
+    with pytest.raises(ValueError, match=r"frames=9: the DiT's temporal patch 2 needs .*; nearest: 5 or 13"):
+        latent_shape(two, 9, 16)
+    with pytest.raises(ValueError, match=r"frames=1: .*; nearest: 5$"):
+        latent_shape(two, 1, 16)

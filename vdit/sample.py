@@ -36,10 +36,37 @@ class Pipeline:
     config: ml_collections.ConfigDict
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
 def latent_shape(pipe: Pipeline, frames: int, resolution: int | tuple[int, int]) -> tuple[int, ...]:
-    """Latent shape ``(t, h, w, c)`` of a clip of ``frames`` at ``resolution`` (checked)."""
-    h, w = (resolution, resolution) if isinstance(resolution, int) else tuple(resolution)
-    return pipe.models.vae.latent_shape((1, frames, h, w, pipe.models.vae.in_channels))[1:]
+    """Latent shape ``(t, h, w, c)`` of a clip of ``frames`` at ``resolution`` (checked).
+
+    The clip must suit both models: the VAE's compression and the DiT's patches. A bad
+    size is a one-line ValueError naming the nearest sizes that work.
+    """
+    pair = (resolution, resolution) if _is_int(resolution) else resolution
+    if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and all(_is_int(v) and v > 0 for v in pair)):
+        raise ValueError(f"resolution={resolution!r}: expected a positive int or an (H, W) pair of them")
+    if not _is_int(frames) or frames < 1:
+        raise ValueError(f"frames={frames!r}: expected a positive integer")
+    vae, dit = pipe.models.vae, pipe.models.dit
+    # Pixels per DiT patch along (T, H, W): the first latent frame is one frame, the rest tf each.
+    pt, ph, pw = dit.patch_size
+    tf, sf = vae.temporal_factor, vae.spatial_factor
+    for name, n, step in (("H", pair[0], sf * ph), ("W", pair[1], sf * pw)):
+        if n % step:
+            low = step * (n // step)
+            near = " or ".join(str(v) for v in (low, low + step) if v > 0)
+            raise ValueError(f"resolution {name}={n}: expected a multiple of {step} (the VAE's {sf}x times the "
+                             f"DiT's patch {dit.patch_size}); nearest: {near}")
+    if (frames - 1) % tf == 0 and (1 + (frames - 1) // tf) % pt:
+        low = 1 + tf * (pt * ((1 + (frames - 1) // tf) // pt) - 1)
+        near = " or ".join(str(v) for v in (low, low + tf * pt) if v > 0)
+        raise ValueError(f"frames={frames}: the DiT's temporal patch {pt} needs a multiple of {pt} latent frames "
+                         f"(1 + (frames - 1) / {tf}); nearest: {near}")
+    return vae.latent_shape((1, frames, pair[0], pair[1], vae.in_channels))[1:]
 
 
 @functools.partial(jax.jit, static_argnames=("models", "sampler", "steps", "guided", "eta"))
@@ -96,8 +123,12 @@ def generate(
     negative_prompt = pick(negative_prompt, s.negative_prompt)
     eta = float(pick(eta, s.get("eta", 0.0)))  # workdirs from before sample.eta lack the key
     for name, value in (("num_per_prompt", num_per_prompt), ("steps", steps)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        if not _is_int(value) or value < 1:
             raise ValueError(f"generate: {name} must be a positive integer, got {value!r}")
+    if not _is_int(seed):
+        raise ValueError(f"generate: seed must be an integer, got {seed!r}")
+    if isinstance(cfg, bool) or not isinstance(cfg, (int, float, np.number)) or not np.isfinite(cfg):
+        raise ValueError(f"generate: cfg (the guidance scale) must be a finite number, got {cfg!r}")
     shape = latent_shape(pipe, pick(frames, pipe.config.data.frames), pick(resolution, pipe.config.data.resolution))
 
     prompts = as_prompt_list(prompts)
