@@ -114,10 +114,12 @@ class DiagonalGaussian:
 
     @property
     def std(self) -> jax.Array:
+        """``exp(logvar / 2)``."""
         return jnp.exp(0.5 * self.logvar)
 
     @property
     def var(self) -> jax.Array:
+        """``exp(logvar)``."""
         return jnp.exp(self.logvar)
 
     def mode(self) -> jax.Array:
@@ -291,6 +293,10 @@ class CausalVAE(nn.Module):
           logvar clipped to [-30, 20] as Wan does.
         """
         self.check_video(video.shape)
+        if not jnp.issubdtype(video.dtype, jnp.floating):
+            # uint8 frames would encode as if 0..255 were [-1, 1]: a silent, wrong latent.
+            raise ValueError(f"video of dtype {video.dtype}: expected floats in [-1, 1] "
+                             f"(vdit.data.pipeline.normalize_video maps uint8 frames there)")
         s = self.spatial_factor
         fn = lambda mdl, x: mdl._moments(x, chunked)  # noqa: E731
         if tile_size is None:
