@@ -162,12 +162,13 @@ def build_run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, ph
         request_cpu_devices(int(config.get("cpu_devices", 0)))
     mesh = mesh or make_mesh(dict(config.mesh), devices)
     rules = rules_from_config(config.sharding_rules)
-    global_batch = int(config.data.batch_size)
+    global_batch, batch_key = int(config.data.batch_size), "data.batch_size"
     if phase == "vae" and config.vae_train.get("batch_size"):
-        global_batch = int(config.vae_train.batch_size)  # the VAE often needs a smaller batch than the DiT
+        # the VAE often needs a smaller batch than the DiT
+        global_batch, batch_key = int(config.vae_train.batch_size), "vae_train.batch_size"
     divisor = mesh.shape["data"] * mesh.shape["fsdp"]
     if global_batch % divisor or global_batch % jax.process_count():
-        raise ValueError(f"data.batch_size={global_batch} must be divisible by the batch mesh axes data x fsdp = "
+        raise ValueError(f"{batch_key}={global_batch} must be divisible by the batch mesh axes data x fsdp = "
                          f"{divisor} and by the process count {jax.process_count()}")
 
     tx = T.make_optimizer(optim, train_cfg.steps, train_cfg.on_nonfinite)
