@@ -281,6 +281,8 @@ def test_missing_checkpoints_errors(tmp_path, mesh):
         ckpt.save(2, state)
         with pytest.raises(ValueError, match=r"no checkpoint at step 5 in .*; available steps: \[1, 2\]"):
             ckpt.restore(_abstract(mesh, state), step=5)
+        with pytest.raises(ValueError, match=r"step='latest': expected an integer step, or None for the latest"):
+            ckpt.restore(_abstract(mesh, state), step="latest")
         with pytest.raises(ValueError, match="has no sharding"):
             ckpt.restore(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state))
         with pytest.raises(TypeError, match="JSON-serialisable"):

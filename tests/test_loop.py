@@ -297,6 +297,8 @@ def test_missing_dit_names_a_runnable_train_command(vae_workdir, tmp_path):
     with pytest.raises(FileNotFoundError, match=r"--config CONFIG --workdir .* --phase vae` \(CONFIG: "):
         load_params(tmp_path / "empty", "vae", config, build_models(config), make_mesh({"data": 1}, jax.devices()[:1]),
                     rules_from_config(config.sharding_rules))
+    assert not (tmp_path / "empty").exists()  # a reader creates nothing, however mistyped the workdir
+    assert not (workdir / "dit").exists()
 
 
 def test_dit_refuses_a_vae_trained_on_after_it(data, vae_workdir, tmp_path, caplog, capsys):

@@ -232,6 +232,8 @@ class Checkpointer:
         truncated file) is skipped with a warning naming both steps and the previous one
         is restored; nothing is deleted.
         """
+        if step is not None and (isinstance(step, bool) or not isinstance(step, (int, np.integer))):
+            raise ValueError(f"step={step!r}: expected an integer step, or None for the latest readable one")
         self._manager.wait_until_finished()
         self._manager.reload()  # another process/job may have written or removed steps
         steps = self.all_steps()

@@ -109,8 +109,9 @@ def _restore_params(workdir, phase: str, config, models: Models, mesh, rules, *,
     init = T.init_vae_params(models) if phase == "vae" else T.init_dit_params(models)
     tx = T.make_optimizer(optim, train_cfg.steps, train_cfg.on_nonfinite)
     keep_ema = phase == "dit" and train_cfg.ema_decay > 0
-    with Checkpointer(directory) as ckpt:
-        if ckpt.latest_step() is None:
+    # A reader creates nothing: Checkpointer would make a missing folder (a mistyped workdir) first.
+    with Checkpointer(directory) if directory.is_dir() else contextlib.nullcontext() as ckpt:
+        if ckpt is None or ckpt.latest_step() is None:
             command = train_command(workdir, phase)
             placeholder = (" (CONFIG: the config name or .py file of this workdir's runs, followed by the same "
                            "KEY=VALUE overrides)" if "CONFIG" in command.split() else "")
