@@ -117,6 +117,12 @@ def test_shards_are_disjoint_and_cover_an_epoch():
     assert len(set(shards[0]) | set(shards[1])) == 24
     with pytest.raises(ValueError, match="shard_index and shard_count"):
         make_loader(src, batch_size=2, shard_index=0)
+    # a last partial batch is dropped: a batch the epochs cannot fill would make an empty loader
+    with pytest.raises(ValueError, match=r"25 records x 1 epochs cannot fill one global batch of 26; use a batch "
+                                         r"of at most 12 per process"):
+        make_loader(src, batch_size=13, num_epochs=1, shard_index=0, shard_count=2)
+    with pytest.raises(ValueError, match=r"batch_size must be a positive integer, got 2.5"):
+        make_loader(src, batch_size=2.5)
 
 
 @pytest.mark.parametrize("workers", [0, 1])

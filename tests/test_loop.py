@@ -257,6 +257,9 @@ def test_vae_trains_on_random_crops(data, tmp_path):
     # 8 CPU devices (conftest) on the data axis: the message names the batch the VAE phase uses
     ("vae", "vae_train.batch_size=12", r"vae_train.batch_size=12 must be divisible by the batch mesh axes .* = 8"),
     ("dit", "data.batch_size=12", r"data.batch_size=12 must be divisible by the batch mesh axes data x fsdp = 8"),
+    # 16 validation clips: the eval loss's one batch of 24 would be dropped as partial (it read 0.0)
+    ("dit", "data.batch_size=24", r"train.eval_every=10 evaluates on one batch of 24 validation clips, but "
+                                  r"moving_shapes/\S+ has 16: set train.eval_every=0, or prepare at least 24"),
 ])
 def test_bad_settings_fail_before_anything_is_written(data, tmp_path, phase, setting, message):
     with pytest.raises(ValueError, match=message):

@@ -52,6 +52,20 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"vae_train.batch_size={vae_batch!r}: expected an integer >= 1, or 0 for data.batch_size")
 
 
+def check_eval_split(config: ml_collections.ConfigDict, global_batch: int) -> None:
+    """The DiT's eval loss needs one whole batch of validation clips (a partial batch is dropped)."""
+    from vdit.data.pipeline import open_dataset
+
+    try:
+        split = open_dataset(config.data.name, config.data.data_dir or None, "validation")
+    except FileNotFoundError:
+        return  # no validation split: the eval loss is not computed
+    if len(split) < global_batch:
+        raise ValueError(f"train.eval_every={config.train.eval_every} evaluates on one batch of {global_batch} "
+                         f"validation clips, but {split.name} has {len(split)}: set train.eval_every=0, or prepare "
+                         f"at least {global_batch} validation clips")
+
+
 def check_dataset(config: ml_collections.ConfigDict, dataset, phase: str) -> None:
     """One-line errors for clip sizes the dataset does not store: nothing resizes or pads its clips."""
     h, w = dataset.resolution

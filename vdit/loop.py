@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from vdit import train as T
 from vdit.checkpoint import Checkpointer, CheckpointMismatch, PreemptionGuard
-from vdit.checks import check_config, check_dataset
+from vdit.checks import check_config, check_dataset, check_eval_split
 from vdit.data.pipeline import make_loader, open_dataset, to_global
 from vdit.dit import relayout
 from vdit.metrics import MetricsWriter
@@ -195,6 +195,8 @@ def build_run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, ph
         loss_fn = functools.partial(T.dit_loss, models=models, train=train_cfg, schedule_cfg=config.schedule,
                                     uncond=T.uncond_tokens(models.text.max_length))
         ema = train_cfg.ema_decay > 0
+        if train_cfg.eval_every:
+            check_eval_split(config, global_batch)
         if train_cfg.latents not in ("online", "cached"):
             raise ValueError(f"train.latents={train_cfg.latents!r}; expected 'online' (encode every step) or 'cached'")
         vae_step, vae_params = _restore_params(workdir, "vae", config, models, mesh, rules)

@@ -299,8 +299,8 @@ def make_loader(
     Returns:
       A ``grain.DataLoader``; its iterator has ``get_state()``/``set_state()``.
     """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     if frames is not None:
         check_frames(frames)
     if crop is not None:
@@ -330,6 +330,12 @@ def make_loader(
         shard_options = grain.ShardOptions(shard_index, shard_count, drop_remainder=True)
     if len(source) < shard_options.shard_count:
         raise ValueError(f"{len(source)} records cannot feed {shard_options.shard_count} shards")
+    global_batch = batch_size * shard_options.shard_count
+    if num_epochs is not None and len(source) * num_epochs < global_batch:
+        # The last partial batch is dropped, so this loader would yield nothing at all.
+        most = len(source) * num_epochs // shard_options.shard_count
+        raise ValueError(f"{len(source)} records x {num_epochs} epochs cannot fill one global batch of "
+                         f"{global_batch}; use a batch of at most {most} per process, or more epochs")
     if worker_count > 0:
         _mark_absl_flags_parsed()
     sampler = grain.IndexSampler(
