@@ -109,6 +109,16 @@ def test_token_ids_outside_the_vocabulary_are_named():
         model.apply(params, ids.at[0, 3].set(300), mask)
     assert np.isfinite(np.asarray(jax.jit(model.apply)(params, ids, mask))).all()
 
+    # Under jit: a padded slot's id is never read; a real id out of range (negative ones too,
+    # which a gather would wrap to a valid row) gives NaN rather than a plausible embedding.
+    jitted = jax.jit(model.apply)
+    padded = mask.at[0, 6:].set(False)
+    ref = np.asarray(jitted(params, ids, padded))
+    np.testing.assert_array_equal(np.asarray(jitted(params, ids.at[0, 7].set(300), padded)), ref)
+    for bad in (300, -5):
+        out = np.asarray(jitted(params, ids.at[0, 3].set(bad), padded))
+        assert np.isnan(out[0, 3]).all(), bad
+
 
 def test_word_tokenizer_one_id_per_word_case_and_punctuation():
     tok = WordTokenizer(max_length=10, vocab_size=4096)

@@ -312,7 +312,7 @@ class TextTransformer(nn.Module):
             raise ValueError(f"sequence length {ids.shape[1]} exceeds max_length {self.max_length}")
         if self.width % self.num_heads:
             raise ValueError(f"num_heads {self.num_heads} must divide width {self.width}")
-        # Concrete ids only: under jit an id out of range embeds as NaN.
+        # Concrete ids only: under jit no error can be raised (see the `where` below).
         concrete = isinstance(ids, np.ndarray) or (
             isinstance(ids, jax.Array) and not isinstance(ids, jax.core.Tracer) and ids.is_fully_addressable)
         if concrete and ids.size:
@@ -321,6 +321,10 @@ class TextTransformer(nn.Module):
                 raise ValueError(f"token ids must be in [0, vocab_size={self.vocab_size}), got ids from {low} to "
                                  f"{high}; tokenize with the encoder's own tokenizer")
         mask = mask.astype(bool)
+        # Padded slots never read their id, and a real id out of range (a negative one too, which
+        # a gather would wrap to a valid row) reads row vocab_size, which the lookup fills with NaN:
+        # a loud output rather than a plausible, wrong embedding.
+        ids = jnp.where(mask, jnp.where((ids < 0) | (ids >= self.vocab_size), self.vocab_size, ids), 0)
         embed = nn.Embed(
             self.vocab_size,
             self.width,
