@@ -66,6 +66,9 @@ def test_shift_time():
     # Works on jax arrays under jit.
     np.testing.assert_allclose(jax.jit(sch.shift_time, static_argnums=1)(jnp.asarray(t, jnp.float32), 3.0),
                                3 * t / (1 + 2 * t), rtol=1e-6)
+    for bad in (0.0, -2):  # every t would map to 0 (or out of [0, 1])
+        with pytest.raises(ValueError, match=f"shift must be > 0, got {bad}"):
+            sch.sample_t(jax.random.key(0), 4, shift=bad)
 
 
 def test_shift_for_seq_len():

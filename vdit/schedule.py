@@ -99,6 +99,8 @@ def shift_time(t: Any, shift: float) -> Any:
     Returns:
       The shifted times, same type and shape as ``t``.
     """
+    if isinstance(shift, (int, float)) and not shift > 0:  # a traced shift is the caller's to check
+        raise ValueError(f"shift must be > 0, got {shift}")
     if shift == 1:
         return t
     return shift * t / (1 + (shift - 1) * t)
