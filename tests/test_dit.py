@@ -202,6 +202,9 @@ def test_bad_inputs():
         DiT(**TINY, remat="some").init(jax.random.PRNGKey(0), x, t, text, mask)
     with pytest.raises(ValueError, match=r"DiT sizes must be positive integers, got \{'width': 0, 'depth': -1\}"):
         DiT(**{**TINY, "width": 0, "depth": -1}).init(jax.random.PRNGKey(0), x, t, text, mask)
+    for patch in ((1, 0, 2), (2, 2)):  # a 0 divided by zero; two entries patched T by H
+        with pytest.raises(ValueError, match=r"DiT patch_size must be three positive integers \(t, h, w\), got \("):
+            DiT(**{**TINY, "patch_size": patch}).init(jax.random.PRNGKey(0), x, t, text, mask)
     for bad_t in (jnp.zeros(3), jnp.zeros((2, 1))):
         with pytest.raises(ValueError, match=r"DiT expects t of shape \(B=2,\) or a scalar, got shape \("):
             model.init(jax.random.PRNGKey(0), x, bad_t, text, mask)

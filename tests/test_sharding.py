@@ -26,6 +26,8 @@ def test_resolve_mesh_shapes_and_errors():
         resolve_mesh_shape({"model": 8}, 8)
     with pytest.raises(ValueError, match="unknown mesh axes"):
         rules_from_config({"embed": "model"})
+    with pytest.raises(ValueError, match="make_mesh got an empty device list"):
+        make_mesh({"data": -1}, [])
 
 
 def test_fsdp_and_tensor_rules_split_dit_weights():

@@ -179,6 +179,9 @@ class DiT(nn.Module):
         bad = {k: v for k, v in sizes.items() if isinstance(v, bool) or not isinstance(v, int) or v < 1}
         if bad:
             raise ValueError(f"DiT sizes must be positive integers, got {bad}")
+        patch = tuple(self.patch_size)
+        if len(patch) != 3 or any(isinstance(p, bool) or not isinstance(p, int) or p < 1 for p in patch):
+            raise ValueError(f"DiT patch_size must be three positive integers (t, h, w), got {self.patch_size!r}")
         if self.width % self.num_heads:
             raise ValueError(f"DiT width {self.width} must be divisible by num_heads {self.num_heads}")
         if self.remat not in REMAT_POLICIES:

@@ -104,6 +104,8 @@ def make_mesh(shape: Mapping[str, int] | Sequence[int], devices: Sequence[jax.De
     JAX defaults to ``Explicit``).
     """
     devices = list(jax.devices() if devices is None else devices)
+    if not devices:
+        raise ValueError("make_mesh got an empty device list; pass at least one device (or None for all)")
     dims = resolve_mesh_shape(shape, len(devices))
     if len(devices) == len(jax.devices()):
         return jax.make_mesh(dims, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))

@@ -233,6 +233,7 @@ class CausalVAE(nn.Module):
         )
 
     def setup(self):
+        """Checks the architecture settings (one-line errors), then builds encoder and decoder."""
         if len(self.temporal_downsample) != len(self.dim_mult) - 1:
             raise ValueError(
                 f"temporal_downsample needs one entry per downsampling (len(dim_mult) - 1 = "

@@ -45,6 +45,7 @@ class Matmul:
 
     @property
     def fn(self) -> Callable:
+        """``lax.dot_general`` with this matmul's dimension numbers and output type: ``fn(lhs, rhs)``."""
         pet = None if self.preferred_element_type is None else jnp.dtype(self.preferred_element_type)
         return functools.partial(jax.lax.dot_general, dimension_numbers=self.dimension_numbers,
                                  preferred_element_type=pet)
@@ -73,6 +74,7 @@ class Matmul:
         return f"{''.join(lhs)},{''.join(rhs)}->{''.join(out)}"
 
     def label(self) -> str:
+        """Operand dtypes and shapes with the contracted and batch axes, for tables and logs."""
         (lc, rc), (lb, rb) = self.dimension_numbers
         return (f"{self.lhs[1]}{list(self.lhs[0])} x {self.rhs[1]}{list(self.rhs[0])}, contract {list(lc)}/{list(rc)}"
                 + (f", batch {list(lb)}/{list(rb)}" if lb else ""))

@@ -28,6 +28,7 @@ class Timing:
     times: tuple[float, ...]
 
     def as_dict(self) -> dict:
+        """The JSON form benchmark results store (seconds)."""
         return {"median_s": self.median, "min_s": self.min, "max_s": self.max, "times_s": list(self.times)}
 
 

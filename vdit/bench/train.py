@@ -48,6 +48,7 @@ class PrecomputedText:
     max_length: int
 
     def apply(self, params, emb, mask):
+        """The embedding as given (no parameters, no mask applied)."""
         del params, mask
         return emb
 
