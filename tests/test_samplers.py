@@ -275,6 +275,15 @@ def test_cfg_batches_cond_and_uncond_in_one_call():
     generate(x, 7.5)
     assert len(calls) == 1 and calls[0][0] == (2 * b, DIM)
 
+    # A mismatched unconditional context is named when the guidance is built, not deep in JAX.
+    for bad in ((uncond[0][:, :3], uncond[1]), (jnp.concatenate([uncond[0]] * 2), jnp.concatenate([uncond[1]] * 2))):
+        with pytest.raises(ValueError, match=r"an uncond_context leaf of shape \(.*\) does not fit its context leaf"):
+            smp.classifier_free_guidance(model_fn, cond, bad, 4.0)
+    with pytest.raises(ValueError, match=r"uncond_context must have the structure of context"):
+        smp.classifier_free_guidance(model_fn, cond, uncond[0], 4.0)
+    with pytest.raises(ValueError, match=r"guidance scale must be finite, got nan"):
+        smp.classifier_free_guidance(model_fn, cond, uncond, float("nan"))
+
 
 @pytest.mark.parametrize(
     "kwargs, match",
@@ -293,3 +302,11 @@ def test_errors(kwargs, match):
     kwargs = {"schedule": FLOW, "sampler": "euler", "num_steps": 4, **kwargs}
     with pytest.raises(ValueError, match=match):
         smp.sample(lambda x, t: x, jnp.zeros((1, DIM)), **kwargs)
+
+
+def test_a_misshapen_prediction_or_noise_is_named():
+    kwargs = {"schedule": FLOW, "sampler": "euler", "num_steps": 2}
+    with pytest.raises(ValueError, match=r"denoise_fn returned shape \(1, 3\) for x of shape \(1, 6\)"):
+        smp.sample(lambda x, t: x[:, :3], jnp.zeros((1, 6)), **kwargs)
+    with pytest.raises(ValueError, match=r"noise must be latents \(B, ...\) with a leading batch axis, got shape"):
+        smp.sample(lambda x, t: x, jnp.float32(0), **kwargs)

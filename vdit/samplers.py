@@ -30,6 +30,7 @@ The two exponential-integrator solvers work for flow and VP schedules alike.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -239,12 +240,18 @@ def sample(
     # Float64 coefficients go in as f32; flags and step indices keep their type.
     rows = {k: jnp.asarray(v, jnp.float32) if v.dtype == np.float64 else jnp.asarray(v) for k, v in rows.items()}
 
+    if jnp.ndim(noise) < 1:
+        raise ValueError(f"noise must be latents (B, ...) with a leading batch axis, got shape {jnp.shape(noise)}")
     x = noise.astype(jnp.float32)
     batch = x.shape[0]
     row_keys = _row_keys(key, batch) if eta > 0 else None
 
     def x0_eps(x_in, row):
-        pred = denoise_fn(x_in, jnp.full((batch,), row["t"], jnp.float32)).astype(jnp.float32)
+        pred = denoise_fn(x_in, jnp.full((batch,), row["t"], jnp.float32))
+        if jnp.shape(pred) != x_in.shape:  # checked once, while the scan traces
+            raise ValueError(f"denoise_fn returned shape {jnp.shape(pred)} for x of shape {x_in.shape}; expected "
+                             f"a prediction of the same shape")
+        pred = pred.astype(jnp.float32)
         return _x0_eps_of(pred, x_in, row["alpha"], row["sigma"], schedule.prediction)
 
     # Each body maps a carry whose first entry is the current state x to the next carry.
@@ -337,8 +344,19 @@ def classifier_free_guidance(
     Returns:
       ``denoise_fn(x, t) -> prediction`` for ``sample``.
     """
+    if isinstance(scale, (int, float)) and not math.isfinite(scale):
+        raise ValueError(f"guidance scale must be finite, got {scale}")
     if isinstance(scale, (int, float)) and scale == 1:
         return lambda x, t: model_fn(x, t, context).astype(jnp.float32)
+    if jax.tree.structure(context) != jax.tree.structure(uncond_context):
+        raise ValueError(f"uncond_context must have the structure of context: {jax.tree.structure(context)}, "
+                         f"got {jax.tree.structure(uncond_context)}")
+    for c, u in zip(jax.tree.leaves(context), jax.tree.leaves(uncond_context)):
+        cs, us = jnp.shape(c), jnp.shape(u)
+        if len(us) != len(cs) or not us or us[0] not in (1, cs[0]) or us[1:] != cs[1:]:
+            raise ValueError(f"an uncond_context leaf of shape {jnp.shape(u)} does not fit its context leaf of shape "
+                             f"{jnp.shape(c)}: expected batch 1 or {jnp.shape(c)[0]} and the same other axes "
+                             f"(pad a negative prompt to the context's length)")
 
     def denoise_fn(x, t):
         batch = x.shape[0]
