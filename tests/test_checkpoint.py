@@ -122,6 +122,10 @@ def test_keep_k_and_existing_step_not_overwritten(tmp_path, mesh):
         _assert_equal(ckpt.restore(_abstract(mesh, state))[1], state)
         assert ckpt.save(3, state, metadata={"v": "forced"}, force=True)  # explicit replace
         assert ckpt.restore(_abstract(mesh, state), step=3)[2] == {"v": "forced"}
+    with Checkpointer(tmp_path / "pinned", keep=2, pinned=[1], async_save=False) as ckpt:
+        for s in (1, 2, 3, 4):
+            ckpt.save(s, state)
+        assert ckpt.all_steps() == [1, 3, 4]  # a pinned step stays, on top of the latest two
 
 
 def test_async_save_then_donate_and_mutate(tmp_path, mesh):

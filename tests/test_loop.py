@@ -314,10 +314,17 @@ def test_dit_refuses_a_vae_trained_on_after_it(data, vae_workdir, tmp_path, capl
     assert json.loads((workdir / "vae" / "latent_stats.json").read_text())["vae_step"] == 4
 
     with caplog.at_level(logging.WARNING, logger="vdit"):
-        assert train(tiny(data, "vae_train.steps=6"), workdir, "vae", progress=False)["step"] == 6
+        assert train(tiny(data, "vae_train.steps=12", "vae_train.keep_checkpoints=1"), workdir, "vae",
+                     progress=False)["step"] == 12
     assert "trained on the latents of VAE step 4: that DiT does not fit the new VAE" in caplog.text
+    assert "VAE step 4 is kept, so moving the newer ones out" in caplog.text
+    # keep_checkpoints=1 deleted step 8, never step 4: the DiT's VAE
+    assert sorted(int(p.name) for p in (workdir / "vae" / "checkpoints").iterdir() if p.name.isdigit()) == [4, 12]
+    moved = shutil.copytree(workdir, tmp_path / "moved")
+    shutil.rmtree(moved / "vae" / "checkpoints" / "12")
+    _final_params(moved)  # as the refusal below advises
 
-    refused = (r"the DiT in \S+ was trained on the latents of VAE step 4, but the VAE in \S+ is at step 6: it "
+    refused = (r"the DiT in \S+ was trained on the latents of VAE step 4, but the VAE in \S+ is at step 12: it "
                r"would decode latents the DiT never learned\. Train a DiT for this VAE in a new --workdir")
     with pytest.raises(VaeChangedError, match=refused):
         _final_params(workdir)
@@ -340,7 +347,7 @@ def test_dit_refuses_a_vae_trained_on_after_it(data, vae_workdir, tmp_path, capl
     # A new DiT here: statistics are measured again; the latents cached with VAE step 4 are refused.
     shutil.rmtree(workdir / "dit")
     with caplog.at_level(logging.WARNING, logger="vdit"), pytest.raises(
-            ValueError, match=r"latent cache \S+ was built with vae_step=4, this run has vae_step=6; delete"):
+            ValueError, match=r"latent cache \S+ was built with vae_step=4, this run has vae_step=12; delete"):
         train(dit, workdir, "dit", progress=False)
-    assert "holds statistics of VAE step 4; the VAE is at step 6: measuring them again" in caplog.text
-    assert json.loads((workdir / "vae" / "latent_stats.json").read_text())["vae_step"] == 6
+    assert "holds statistics of VAE step 4; the VAE is at step 12: measuring them again" in caplog.text
+    assert json.loads((workdir / "vae" / "latent_stats.json").read_text())["vae_step"] == 12

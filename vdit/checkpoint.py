@@ -36,7 +36,7 @@ import signal
 import sys
 import time
 import warnings
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import grain
 import jax
@@ -53,19 +53,20 @@ _COMMIT_MARKER = "commit_success.txt"  # Orbax writes it last, just before the s
 
 
 class _KeepLatestReadable:
-    """Orbax preservation policy: keep the latest ``n`` readable steps.
+    """Orbax preservation policy: keep the latest ``n`` readable steps, and the pinned ones.
 
     Steps found unreadable by ``restore`` neither count towards ``n`` nor get deleted,
     so keep-K never drops a good checkpoint in favour of a corrupt one, and the corrupt
-    directory stays on disk for the user to inspect.
+    directory stays on disk for the user to inspect. Pinned steps (the VAE step a
+    trained DiT depends on) are kept on top of the ``n``.
     """
 
-    def __init__(self, n: int, unreadable: set[int]):
-        self.n, self.unreadable = n, unreadable
+    def __init__(self, n: int, unreadable: set[int], pinned: frozenset[int] = frozenset()):
+        self.n, self.unreadable, self.pinned = n, unreadable, pinned
 
     def should_preserve(self, checkpoints, *, context=None) -> list[bool]:
-        readable = sorted(c.step for c in checkpoints if c.step not in self.unreadable)
-        keep = set(readable[-self.n:]) | self.unreadable
+        readable = sorted(c.step for c in checkpoints if c.step not in self.unreadable | self.pinned)
+        keep = set(readable[-self.n:]) | self.unreadable | self.pinned
         return [c.step in keep for c in checkpoints]
 
 
@@ -100,11 +101,13 @@ class Checkpointer:
       directory: root directory (local path or ``gs://...``); created if missing.
       keep: how many of the latest readable checkpoints to keep; older ones are deleted.
       save_every: ``should_save(step)`` is true every this many steps.
+      pinned: steps never deleted, whatever ``keep`` says.
       async_save: write in a background thread; ``save`` returns once the arrays are
         copied to host memory.
     """
 
-    def __init__(self, directory, *, keep: int = 3, save_every: int = 1000, async_save: bool = True):
+    def __init__(self, directory, *, keep: int = 3, save_every: int = 1000, pinned: Iterable[int] = (),
+                 async_save: bool = True):
         if keep < 1 or save_every < 1:
             raise ValueError(f"keep and save_every must be >= 1, got keep={keep}, save_every={save_every}")
         path = str(directory)
@@ -114,7 +117,7 @@ class Checkpointer:
         self._keep = int(keep)
         self._newest_saved = -1  # covers async saves not yet on disk
         options = ocp.CheckpointManagerOptions(
-            preservation_policy=_KeepLatestReadable(int(keep), self._unreadable),
+            preservation_policy=_KeepLatestReadable(int(keep), self._unreadable, frozenset(int(s) for s in pinned)),
             enable_async_checkpointing=async_save,
             create=True,
         )

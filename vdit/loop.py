@@ -338,8 +338,11 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, phase:
     config = run.config  # with measured latent statistics, when the DiT phase measured them
     phase_dir = workdir / phase
     total = int(train_cfg.steps)
+    # The VAE step a trained DiT was trained on stays, whatever keep_checkpoints says: training
+    # the VAE on must not leave that DiT without the only VAE that decodes its latents.
+    dit_vae_step = _recorded_vae_step(workdir) if phase == "vae" and _phase_step(workdir, "dit") is not None else None
     ckpt = Checkpointer(phase_dir / "checkpoints", keep=train_cfg.keep_checkpoints,
-                        save_every=train_cfg.checkpoint_every)
+                        save_every=train_cfg.checkpoint_every, pinned=[] if dit_vae_step is None else [dit_vae_step])
     start = 0
     if ckpt.latest_step() is not None:
         target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), run.state, run.shardings)
@@ -354,10 +357,14 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, phase:
             tmp.write_text(json.dumps({"vae_step": run.vae_step}))
             tmp.rename(phase_dir / VAE_RECORD)
     if phase == "vae" and start < total and _phase_step(workdir, "dit") is not None:
-        trained = _recorded_vae_step(workdir)
+        trained, kept = "an earlier VAE", ""
+        if dit_vae_step is not None:
+            trained = f"VAE step {dit_vae_step}"
+            kept = (f"; {trained} is kept, so moving the newer ones out of {phase_dir / 'checkpoints'} restores "
+                    f"that DiT")
         log.warning("training the VAE on from step %d, but %s was trained on the latents of %s: that DiT does not "
-                    "fit the new VAE (vdit sample and the DiT phase refuse it); train a DiT for it in a new --workdir",
-                    start, workdir / "dit", "an earlier VAE" if trained is None else f"VAE step {trained}")
+                    "fit the new VAE (vdit sample and the DiT phase refuse it); train a DiT for it in a new --workdir%s",
+                    start, workdir / "dit", trained, kept)
 
     writer = MetricsWriter(phase_dir)
     flops = _flops_per_step(run, config) if phase == "dit" else None
