@@ -362,8 +362,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, phase:
             trained = f"VAE step {dit_vae_step}"
             kept = (f"; {trained} is kept, so moving the newer ones out of {phase_dir / 'checkpoints'} restores "
                     f"that DiT")
-        log.warning("training the VAE on from step %d, but %s was trained on the latents of %s: that DiT does not "
-                    "fit the new VAE (vdit sample and the DiT phase refuse it); train a DiT for it in a new --workdir%s",
+        log.warning("training the VAE on from step %d, but %s was trained on the latents of %s: that DiT does "
+                    "not fit the new VAE (vdit sample and the DiT phase refuse it); train a DiT for it in a new "
+                    "--workdir%s",
                     start, workdir / "dit", trained, kept)
 
     writer = MetricsWriter(phase_dir)
