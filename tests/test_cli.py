@@ -98,7 +98,8 @@ def test_sample_passes_eta_to_generate(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(vdit.sample, "generate", lambda pipe, prompts, num_per_prompt, **kw:
                         seen.append(kw["eta"]) or _videos(len(prompts) * num_per_prompt))
     for i, extra in enumerate((["--sampler", "ddim", "--eta", "0.5"], [])):
-        assert main(["sample", "--workdir", str(tmp_path), "--prompt", "a", "--out", str(tmp_path / str(i)), *extra]) == 0
+        out = str(tmp_path / str(i))
+        assert main(["sample", "--workdir", str(tmp_path), "--prompt", "a", "--out", out, *extra]) == 0
     assert seen == [0.5, None]  # unset: the config's sample.eta
 
 
@@ -126,6 +127,8 @@ def test_sample_num_must_be_positive(capsys, num):
     (["eval", "--workdir", "F"], "--workdir"),
     (["prepare", "moving_shapes", "--data_dir", "F/sub"], "--data_dir"),
     (["demo", "--quick", "--workdir", "W", "--data_dir", "F"], "--data_dir"),
+    (["bench", "train", "--config", "tiny", "--profile", "F"], "--profile"),
+    (["bench", "train", "--config", "tiny", "--json", "F/out.json"], "--json"),  # before the benchmark runs
 ])
 def test_a_file_where_a_folder_belongs(tmp_path, capsys, no_sampling, argv, flag):
     file = tmp_path / "file"
@@ -318,3 +321,13 @@ def test_overrides_may_stand_on_both_sides_of_an_option():
 def test_a_stray_word_after_the_overrides_is_still_rejected(capsys):
     argv = ["train", "--config", "tiny", "--workdir", "W", "a.b=1", "--phase", "dit", "stray"]
     assert _parse_error(capsys, argv) == "vdit: error: unrecognized arguments: stray"
+
+
+def test_bench_json_must_be_a_file_and_sizes_positive(tmp_path, capsys):
+    assert main(["bench", "train", "--config", "tiny", "--json", str(tmp_path)]) == 2
+    assert _error(capsys) == f"vdit bench: error: --json {tmp_path} is a folder, expected a file to write"
+    for argv, flag, bad in ((["sample", "--batch", "0"], "--batch", "'0'"),
+                            (["vae", "--frames", "-5"], "--frames", "'-5'"),
+                            (["attention", "--seq", "1024,0"], "--seq", "'0'")):
+        err = _parse_error(capsys, ["bench", *argv, "--config", "tiny"])
+        assert err.startswith(f"vdit bench {argv[0]}: error: argument {flag}: ") and bad in err, err

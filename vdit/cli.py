@@ -152,7 +152,8 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     evaluate_workdir(args.workdir)
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1, else a one-line usage error."""
     try:
         value = int(text)
     except ValueError:
@@ -215,15 +216,16 @@ def build_parser() -> argparse.ArgumentParser:
     sample = sub.add_parser("sample", help="generate videos from a trained workdir", description=_cmd_sample.__doc__)
     sample.add_argument("--workdir", required=True, help="a workdir trained by vdit train")
     sample.add_argument("--prompt", required=True, action="append", help="a prompt (repeat for several)")
-    sample.add_argument("--num", type=_positive_int, default=1, help="videos per prompt (default 1)")
-    sample.add_argument("--steps", type=_positive_int, help="sampler steps (default: config sample.steps)")
+    sample.add_argument("--num", type=positive_int, default=1, help="videos per prompt (default 1)")
+    sample.add_argument("--steps", type=positive_int, help="sampler steps (default: config sample.steps)")
     sample.add_argument("--sampler", choices=("euler", "heun", "dpmpp_2m", "unipc", "ddim"),
                         help="sampler (default: config sample.sampler)")
     sample.add_argument("--cfg", type=float, help="classifier-free guidance scale (default: config sample.cfg)")
     sample.add_argument("--negative_prompt", help="prompt to guide away from (default: the empty prompt)")
     sample.add_argument("--seed", type=int, help="noise seed (default: config sample.seed)")
     sample.add_argument("--eta", type=float,
-                        help="DDIM stochasticity in [0, 1], with --sampler ddim on a VP schedule (default: config sample.eta)")
+                        help="DDIM stochasticity in [0, 1], with --sampler ddim on a VP schedule "
+                        "(default: config sample.eta)")
     sample.add_argument("--out", help="output folder (default: WORKDIR/samples)")
     sample.add_argument("--overwrite", action="store_true",
                         help="replace files of the same names in the output folder (default: refuse)")
@@ -353,12 +355,17 @@ def _message(e: Exception) -> str:
 
 
 def _check_folder_args(args: argparse.Namespace) -> None:
-    """A folder flag naming an existing file (or a path under one) is refused up front, by name."""
-    for flag in ("workdir", "out", "data_dir"):
+    """Output paths that cannot be written are refused up front, by name, before any long work:
+    a folder flag naming a file (or a path under one), a file flag naming a folder."""
+    for flag, want in (("workdir", "folder"), ("out", "folder"), ("data_dir", "folder"), ("profile", "folder"),
+                       ("json", "file")):
         value = getattr(args, flag, None)
         if not isinstance(value, str) or "://" in value:  # gs:// and the like are not local paths
             continue
-        path = parent = pathlib.Path(value).expanduser()
+        path = pathlib.Path(value).expanduser()
+        if want == "file" and path.is_dir():
+            raise IsADirectoryError(f"--{flag} {value} is a folder, expected a file to write")
+        parent = path if want == "folder" else path.parent
         while not parent.exists() and parent != parent.parent:
             parent = parent.parent
         if parent.exists() and not parent.is_dir():

@@ -15,6 +15,8 @@ import pathlib
 import shlex
 import sys
 
+from vdit.cli import positive_int
+
 DEFAULT_SEQS = "1024,2048,4096,8192,16384"
 
 
@@ -22,7 +24,7 @@ def _csv(cast):
     def parse(text: str) -> list:
         try:
             return [cast(v.strip()) for v in text.split(",") if v.strip()]
-        except ValueError as e:
+        except (ValueError, argparse.ArgumentTypeError) as e:
             raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {text!r}: {e}") from e
 
     return parse
@@ -126,7 +128,7 @@ def add_parser(sub) -> None:
         return p
 
     train = kind("train", "DiT train step: time, model FLOP/s vs measured GEMM peak, memory; --peer adds diffusers")
-    train.add_argument("--batch", type=int, help="examples per step (default: data.batch_size)")
+    train.add_argument("--batch", type=positive_int, help="examples per step (default: data.batch_size)")
     train.add_argument("--remat", type=_csv(str), help="remat policies to compare, e.g. none,dots,full")
     train.add_argument("--scan", type=_csv(_bool), help="scan over layers settings, e.g. false,true")
     train.add_argument("--peer", action="store_true", help="also time diffusers' WanTransformer3DModel (needs torch)")
@@ -140,21 +142,21 @@ def add_parser(sub) -> None:
                        "kind (matmul/loop), and the top ops")
 
     sample = kind("sample", "sampler loop: per-step latency, CFG batched vs two passes, compile time")
-    sample.add_argument("--batch", type=int, default=1, help="videos at once (default 1)")
-    sample.add_argument("--steps", type=int, help="sampler steps (default: sample.steps)")
+    sample.add_argument("--batch", type=positive_int, default=1, help="videos at once (default 1)")
+    sample.add_argument("--steps", type=positive_int, help="sampler steps (default: sample.steps)")
     sample.add_argument("--sampler", choices=("euler", "heun", "dpmpp_2m", "unipc", "ddim"), help="default: config")
     sample.add_argument("--cfg", type=float, help="guidance scale (default: sample.cfg)")
 
     vae = kind("vae", "VAE decode: chunked causal vs whole clip, bytes per output pixel-frame and time")
-    vae.add_argument("--batch", type=int, default=1, help="clips at once (default 1)")
-    vae.add_argument("--frames", type=int, help="frames per clip, 1 + 4k (default: data.frames)")
-    vae.add_argument("--resolution", type=int, help="frame size in pixels (default: data.resolution)")
+    vae.add_argument("--batch", type=positive_int, default=1, help="clips at once (default 1)")
+    vae.add_argument("--frames", type=positive_int, help="frames per clip, 1 + 4k (default: data.frames)")
+    vae.add_argument("--resolution", type=positive_int, help="frame size in pixels (default: data.resolution)")
 
     attn = kind("attention", "attention backends: time and memory against sequence length")
-    attn.add_argument("--seq", type=_csv(int), default=_csv(int)(DEFAULT_SEQS),
+    attn.add_argument("--seq", type=_csv(positive_int), default=_csv(positive_int)(DEFAULT_SEQS),
                       help=f"lengths (default {DEFAULT_SEQS})")
     attn.add_argument("--impl", type=_csv(str), help="backends (default xla,chunked)")
-    attn.add_argument("--batch", type=int, default=1, help="examples (default 1)")
+    attn.add_argument("--batch", type=positive_int, default=1, help="examples (default 1)")
     attn.add_argument("--mem_limit_gb", type=float, help="do not run lengths needing more (default: half the memory)")
 
     rep = kinds.add_parser("report", help="print results, or fill docs/performance.md with them",
