@@ -151,6 +151,25 @@ def test_os_errors_about_paths_are_one_line(tmp_path, capsys, monkeypatch):
     assert _error(capsys) == f"vdit eval: error: Permission denied: '{tmp_path / 'x'}'"
 
 
+def test_unreadable_checkpoints_are_one_line_other_runtime_errors_not(tmp_path, capsys, monkeypatch):
+    import vdit.demo
+    from vdit.checkpoint import CheckpointUnreadableError
+
+    def unreadable(workdir):
+        raise CheckpointUnreadableError(f"all checkpoints in {workdir} are unreadable (steps [2]); latest error: x")
+
+    monkeypatch.setattr(vdit.demo, "evaluate_workdir", unreadable)
+    assert main(["eval", "--workdir", str(tmp_path)]) == 2
+    assert _error(capsys).startswith(f"vdit eval: error: all checkpoints in {tmp_path} are unreadable")
+
+    def bug(workdir):
+        raise RuntimeError("a real bug")
+
+    monkeypatch.setattr(vdit.demo, "evaluate_workdir", bug)
+    with pytest.raises(RuntimeError, match="a real bug"):
+        main(["eval", "--workdir", str(tmp_path)])
+
+
 # ----------------------------------------------------------------------------- prepare
 
 

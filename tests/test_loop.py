@@ -101,6 +101,14 @@ def test_resuming_with_another_model_names_the_changed_settings(data, vae_workdi
                                                  r"Resume with the settings it was trained with, or train into a new "
                                                  r"--workdir$"):
         train(changed, workdir, "dit", progress=False)
+    # Another batch order (here a shuffle seed): the saved data position does not fit it. Every
+    # step would fail alike; this once read "all checkpoints are unreadable".
+    reordered = tiny(data, "train.steps=4", "train.eval_every=0", "data.shuffle_seed=3")
+    with pytest.raises(CheckpointMismatch, match=r"holds the data position of another batch order .*: data settings "
+                                                 r"that differ from the run that saved it: data.shuffle_seed 0 there, "
+                                                 r"3 here\. Resume with the settings"):
+        train(reordered, workdir, "dit", progress=False)
+    assert sorted(p.name for p in (workdir / "dit" / "checkpoints").iterdir() if p.name.isdigit()) == ["2"]
 
 
 def test_resume_and_load_across_scan_layers(data, vae_workdir, tmp_path):

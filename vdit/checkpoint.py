@@ -259,8 +259,8 @@ class Checkpointer:
             state, meta = result
             return s, serialization.from_state_dict(abstract_state, state), meta
         if step is not None:
-            raise RuntimeError(f"checkpoint {step} in {self.directory} is unreadable: {failed[0][1]}")
-        raise RuntimeError(f"all checkpoints in {self.directory} are unreadable (steps {steps}); "
+            raise CheckpointUnreadableError(f"checkpoint {step} in {self.directory} is unreadable: {failed[0][1]}")
+        raise CheckpointUnreadableError(f"all checkpoints in {self.directory} are unreadable (steps {steps}); "
                            f"latest error: {failed[0][1]}")
 
     def _attempt(self, step: int, target, data_iterator, relayout=None) -> tuple[Any, dict | None] | str:
@@ -290,6 +290,9 @@ class Checkpointer:
                 if _MISMATCH.search(str(e)):  # not a bad file: the same on every step and process
                     result = CheckpointMismatch(f"checkpoint {step} in {self.directory} holds another model than "
                                                 f"the one it is restored into ({_mismatch_summary(e)})")
+                elif _DATA_MISMATCH.search(str(e)):  # likewise: Grain refuses another sampler's position
+                    result = DataMismatch(f"checkpoint {step} in {self.directory} holds the data position of another "
+                                          f"batch order than this run's (dataset size, batch size or shuffle seed)")
             if not isinstance(result, tuple):
                 # Outside the except block, so the traceback no longer pins Orbax's abandoned
                 # tasks: collect them now, while their duplicate reports are silenced.
@@ -377,8 +380,18 @@ class CheckpointMismatch(ValueError):
     every step would fail alike, so nothing falls back to an older one."""
 
 
+class DataMismatch(CheckpointMismatch):
+    """A checkpoint's data position belongs to another batch order than the run's loader."""
+
+
+class CheckpointUnreadableError(RuntimeError):
+    """No checkpoint asked for could be read (each attempt's reason is in the message)."""
+
+
 # What Orbax says when the target's tree or an array's shape differs from what was saved.
 _MISMATCH = re.compile(r"tree structures do not match|is not compatible with the stored shape")
+# What Grain says when the saved iterator state came from another sampler.
+_DATA_MISMATCH = re.compile(r"Sampler in checkpoint does not match")
 
 
 def _mismatch_summary(e: BaseException) -> str:

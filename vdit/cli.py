@@ -394,9 +394,11 @@ def main(argv: list[str] | None = None) -> int:
     except _USER_ERRORS as e:
         print(f"vdit {args.command}: error: {_message(e)}", file=sys.stderr)
         return 2
-    except ImportError as e:
-        common = sys.modules.get("vdit.data.common")  # not imported: then this is no MissingTensorFlowError
-        if common is None or not isinstance(e, common.MissingTensorFlowError):
+    except (ImportError, RuntimeError) as e:
+        # Errors of modules imported only by some commands (not imported: then it is not theirs).
+        common, ckpt = sys.modules.get("vdit.data.common"), sys.modules.get("vdit.checkpoint")
+        if not ((common and isinstance(e, common.MissingTensorFlowError))
+                or (ckpt and isinstance(e, ckpt.CheckpointUnreadableError))):
             raise
         print(f"vdit {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -28,7 +28,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from vdit import train as T
-from vdit.checkpoint import Checkpointer, CheckpointMismatch, PreemptionGuard
+from vdit.checkpoint import Checkpointer, CheckpointMismatch, DataMismatch, PreemptionGuard
 from vdit.checks import check_config, check_dataset, check_eval_split
 from vdit.data.pipeline import make_loader, open_dataset, to_global
 from vdit.dit import relayout
@@ -294,6 +294,8 @@ _MODEL_SECTIONS = {"vae": ("vae",), "dit": ("dit", "text")}
 _RELAYOUT = {"vae": None, "dit": relayout}
 # Settings a checkpoint does not depend on: left out of a mismatch's list of differences.
 _NOT_IN_CHECKPOINT = {"dit": {"remat", "scan_layers", "attention_impl"}}
+# Settings the saved data position depends on (the order of batches): a DataMismatch lists these.
+_DATA_ORDER = {"data": {"name", "data_dir", "batch_size", "shuffle_seed"}, "vae_train": {"batch_size"}}
 
 
 @contextlib.contextmanager
@@ -309,14 +311,18 @@ def _explain_mismatch(phase_dir: pathlib.Path, config: ml_collections.ConfigDict
         except (OSError, ValueError):
             saved = None
         now = _config_json(config)
-        for section in _MODEL_SECTIONS[phase] if saved else ():
+        what, sections = "model", _MODEL_SECTIONS[phase]
+        counts = lambda section, key: key not in _NOT_IN_CHECKPOINT.get(section, ())  # noqa: E731
+        if isinstance(e, DataMismatch):
+            what, sections = "data", ("data", "vae_train") if phase == "vae" else ("data",)
+            counts = lambda section, key: key in _DATA_ORDER[section]  # noqa: E731
+        for section in sections if saved else ():
             old, new = saved.get(section, {}), now.get(section, {})
             changed += [f"{section}.{k} {json.dumps(old.get(k))} there, {json.dumps(new.get(k))} here"
-                        for k in sorted(set(old) | set(new))
-                        if old.get(k) != new.get(k) and k not in _NOT_IN_CHECKPOINT.get(section, ())]
-        hint = (f"model settings that differ from the run that saved it: {'; '.join(changed[:6])}"
+                        for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k) and counts(section, k)]
+        hint = (f"{what} settings that differ from the run that saved it: {'; '.join(changed[:6])}"
                 f"{' and more' if len(changed) > 6 else ''}"
-                if changed else f"no {'/'.join(_MODEL_SECTIONS[phase])} setting differs from its config.json")
+                if changed else f"no {'/'.join(sections)} setting differs from its config.json")
         raise CheckpointMismatch(f"{e}: {hint}. Resume with the settings it was trained with, or train into "
                                  f"a new --workdir") from None
 
