@@ -309,6 +309,16 @@ def test_eval_names_missing_samples(tmp_path, capsys):
     assert f"run `vdit demo --workdir {workdir}`" in err
 
 
+def test_eval_names_an_unreadable_sample(tmp_path, capsys):
+    from vdit.demo import sample_names
+
+    workdir = _demo_workdir(tmp_path, {"seeds": 2}, samples=sample_names(2))  # empty files
+    assert main(["eval", "--workdir", str(workdir)]) == 2
+    err = _error(capsys)
+    assert err.startswith(f"vdit eval: error: {workdir / 'samples' / sample_names(2)[0]}.mp4 is not a readable video "
+                          f"(ffmpeg: "), err
+
+
 # ----------------------------------------------------------------------------- demo
 
 

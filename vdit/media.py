@@ -50,11 +50,16 @@ def write_video(path: str | pathlib.Path, video: np.ndarray, fps: int = 8) -> pa
 
 
 def read_video(path: str | pathlib.Path) -> np.ndarray:
-    """Reads a video file into uint8 ``(T, H, W, 3)``."""
+    """Reads a video file into uint8 ``(T, H, W, 3)``; an unreadable file is a one-line ValueError."""
     import mediapy
 
     ensure_ffmpeg()
-    return np.asarray(mediapy.read_video(path))
+    try:
+        return np.asarray(mediapy.read_video(path))
+    except RuntimeError as e:  # mediapy passes on ffmpeg's whole stderr; its last line says why
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        raise ValueError(f"{path} is not a readable video (ffmpeg: {lines[-1] if lines else 'no reason given'})") \
+            from None
 
 
 def grid(videos: np.ndarray, columns: int, pad: int = 2) -> np.ndarray:

@@ -125,8 +125,8 @@ def generate(
     for name, value in (("num_per_prompt", num_per_prompt), ("steps", steps)):
         if not _is_int(value) or value < 1:
             raise ValueError(f"generate: {name} must be a positive integer, got {value!r}")
-    if not _is_int(seed):
-        raise ValueError(f"generate: seed must be an integer, got {seed!r}")
+    if not _is_int(seed) or not -2**63 <= seed < 2**63:
+        raise ValueError(f"generate: seed must be a 64-bit integer, got {seed!r}")
     if isinstance(cfg, bool) or not isinstance(cfg, (int, float, np.number)) or not np.isfinite(cfg):
         raise ValueError(f"generate: cfg (the guidance scale) must be a finite number, got {cfg!r}")
     shape = latent_shape(pipe, pick(frames, pipe.config.data.frames), pick(resolution, pipe.config.data.resolution))
