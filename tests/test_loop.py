@@ -101,6 +101,10 @@ def test_resuming_with_another_model_names_the_changed_settings(data, vae_workdi
                                                  r"Resume with the settings it was trained with, or train into a new "
                                                  r"--workdir$"):
         train(changed, workdir, "dit", progress=False)
+    # Micro-batch accumulation keeps state of its own in the optimizer: named too (it once read "no setting differs").
+    with pytest.raises(CheckpointMismatch, match=r"settings that differ from the run that saved it: optim.grad_accum "
+                                                 r"1 there, 2 here\."):
+        train(tiny(data, "train.steps=4", "train.eval_every=0", "optim.grad_accum=2"), workdir, "dit", progress=False)
     # Another batch order (here a shuffle seed): the saved data position does not fit it. Every
     # step would fail alike; this once read "all checkpoints are unreadable".
     reordered = tiny(data, "train.steps=4", "train.eval_every=0", "data.shuffle_seed=3")
@@ -265,6 +269,18 @@ def test_vae_trains_on_random_crops(data, tmp_path):
     # 8 CPU devices (conftest) on the data axis: the message names the batch the VAE phase uses
     ("vae", "vae_train.batch_size=12", r"vae_train.batch_size=12 must be divisible by the batch mesh axes .* = 8"),
     ("dit", "data.batch_size=12", r"data.batch_size=12 must be divisible by the batch mesh axes data x fsdp = 8"),
+    # Settings the DiT phase or the optimizer would reject only after the whole VAE phase: checked first.
+    ("vae", "train.latents=disk", r"train.latents='disk': expected 'online' \(encode every step\) or 'cached'"),
+    ("vae", "optim.decay=linear", r"optim.decay='linear': expected 'cosine' or 'constant'"),
+    ("dit", "vae_optim.decay=linear", r"vae_optim.decay='linear': expected"),
+    ("vae", "optim.lr=-0.001", r"optim.lr=-0.001: expected a finite number >= 0"),
+    ("vae", "vae_optim.grad_accum=0", r"vae_optim.grad_accum=0: expected an integer >= 1"),
+    ("vae", "dit.patch_size=(1,8,8)", r"data.resolution=16 gives latents of H=4, which dit.patch_size=\(1, 8, 8\) does "
+                                      r"not divide into whole patches"),
+    ("vae", "dit.patch_size=(3,2,2)", r"data.frames=5 gives latents of T=2, which dit.patch_size=\(3, 2, 2\)"),
+    ("vae", "dit.in_channels=8", r"dit.in_channels=8 must equal vae.z_dim=4"),
+    ("vae", "vae.dim_mult=()", r"vae.dim_mult=\(\): expected one channel multiplier per resolution level"),
+    ("vae", "dit.patch_size=(2,2)", r"dit.patch_size=\(2, 2\): expected three positive integers"),
     # 16 validation clips: the eval loss's one batch of 24 would be dropped as partial (it read 0.0)
     ("dit", "data.batch_size=24", r"train.eval_every=10 evaluates on one batch of 24 validation clips, but "
                                   r"moving_shapes/\S+ has 16: set train.eval_every=0, or prepare at least 24"),

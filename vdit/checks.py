@@ -50,6 +50,48 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     vae_batch = config.vae_train.get("batch_size", 0)
     if isinstance(vae_batch, bool) or not isinstance(vae_batch, (int, np.integer)) or vae_batch < 0:
         raise ValueError(f"vae_train.batch_size={vae_batch!r}: expected an integer >= 1, or 0 for data.batch_size")
+    if config.train.latents not in ("online", "cached"):
+        raise ValueError(f"train.latents={config.train.latents!r}: expected 'online' (encode every step) or 'cached'")
+    for section in ("vae_optim", "optim"):
+        cfg = config[section]
+        if cfg.decay not in ("cosine", "constant"):
+            raise ValueError(f"{section}.decay={cfg.decay!r}: expected 'cosine' or 'constant'")
+        for key, low in (("lr", 0.0), ("clip_norm", 0.0), ("weight_decay", 0.0), ("end_lr_factor", 0.0)):
+            value = cfg[key]
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value) or value < low:
+                raise ValueError(f"{section}.{key}={value!r}: expected a finite number >= {low:g}")
+        grad_accum = cfg.get("grad_accum", 1)
+        if isinstance(grad_accum, bool) or not isinstance(grad_accum, (int, np.integer)) or grad_accum < 1:
+            raise ValueError(f"{section}.grad_accum={grad_accum!r}: expected an integer >= 1 (micro-batches per step)")
+
+
+def check_models(config: ml_collections.ConfigDict, models) -> None:
+    """The VAE's architecture must be whole, and the DiT's patches must tile its latents of the data's clips.
+
+    (``build_models`` has checked that the DiT takes the VAE's latent channels.)
+
+    Checked before either phase trains, so a DiT that cannot take the latents fails before
+    the VAE's hours rather than after them.
+    """
+    vae, dit = models.vae, models.dit
+    if not vae.dim_mult:
+        raise ValueError("vae.dim_mult=(): expected one channel multiplier per resolution level, e.g. (1, 2, 4, 4)")
+    if len(vae.temporal_downsample) != len(vae.dim_mult) - 1:
+        raise ValueError(f"vae.temporal_downsample={tuple(vae.temporal_downsample)}: expected one entry per "
+                         f"downsampling, len(vae.dim_mult) - 1 = {len(vae.dim_mult) - 1}")
+    patch = tuple(dit.patch_size)
+    if len(patch) != 3 or any(isinstance(p, bool) or not isinstance(p, (int, np.integer)) or p < 1 for p in patch):
+        raise ValueError(f"dit.patch_size={dit.patch_size!r}: expected three positive integers (t, h, w)")
+    frames, res = config.data.frames, config.data.resolution
+    (h, w), sf, tf = as_hw(res), vae.spatial_factor, vae.temporal_factor
+    if h % sf or w % sf:
+        raise ValueError(f"data.resolution={res!r}: the VAE downsamples {sf}x, so frames must be a multiple of "
+                         f"{sf} pixels")
+    latent = (1 + (frames - 1) // tf, h // sf, w // sf)
+    for axis, n, p, key in zip("THW", latent, patch, (f"data.frames={frames!r}", *[f"data.resolution={res!r}"] * 2)):
+        if n % p:
+            raise ValueError(f"{key} gives latents of {axis}={n}, which dit.patch_size={patch} does not divide into "
+                             f"whole patches")
 
 
 def check_eval_split(config: ml_collections.ConfigDict, global_batch: int) -> None:

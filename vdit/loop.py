@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from vdit import train as T
 from vdit.checkpoint import Checkpointer, CheckpointMismatch, DataMismatch, PreemptionGuard
-from vdit.checks import check_config, check_dataset, check_eval_split
+from vdit.checks import check_config, check_dataset, check_eval_split, check_models
 from vdit.data.pipeline import make_loader, open_dataset, to_global
 from vdit.dit import relayout
 from vdit.metrics import MetricsWriter
@@ -159,6 +159,7 @@ def build_run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, ph
                            resolution=config.data.resolution)
     check_dataset(config, dataset, phase)
     models = build_models(config)
+    check_models(config, models)
     if mesh is None and devices is None:
         request_cpu_devices(int(config.get("cpu_devices", 0)))
     mesh = mesh or make_mesh(dict(config.mesh), devices)
@@ -197,8 +198,6 @@ def build_run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, ph
         ema = train_cfg.ema_decay > 0
         if train_cfg.eval_every:
             check_eval_split(config, global_batch)
-        if train_cfg.latents not in ("online", "cached"):
-            raise ValueError(f"train.latents={train_cfg.latents!r}; expected 'online' (encode every step) or 'cached'")
         vae_step, vae_params = _restore_params(workdir, "vae", config, models, mesh, rules)
         frozen = {"vae": vae_params}
         if _phase_step(workdir, "dit") is not None:  # a resume: before latent statistics or a cache are redone
@@ -296,6 +295,10 @@ _RELAYOUT = {"vae": None, "dit": relayout}
 _NOT_IN_CHECKPOINT = {"dit": {"remat", "scan_layers", "attention_impl"}}
 # Settings the saved data position depends on (the order of batches): a DataMismatch lists these.
 _DATA_ORDER = {"data": {"name", "data_dir", "batch_size", "shuffle_seed"}, "vae_train": {"batch_size"}}
+# Training settings that shape the saved optimizer state (micro-batch accumulators, the
+# skip-non-finite wrapper, the EMA copy): a model mismatch lists these too.
+_STATE_KEYS = {"vae": {"vae_optim": {"grad_accum"}, "vae_train": {"on_nonfinite"}},
+               "dit": {"optim": {"grad_accum"}, "train": {"on_nonfinite", "ema_decay"}}}
 
 
 @contextlib.contextmanager
@@ -311,8 +314,9 @@ def _explain_mismatch(phase_dir: pathlib.Path, config: ml_collections.ConfigDict
         except (OSError, ValueError):
             saved = None
         now = _config_json(config)
-        what, sections = "model", _MODEL_SECTIONS[phase]
-        counts = lambda section, key: key not in _NOT_IN_CHECKPOINT.get(section, ())  # noqa: E731
+        what, sections = "model", (*_MODEL_SECTIONS[phase], *_STATE_KEYS[phase])
+        counts = lambda section, key: (key in _STATE_KEYS[phase][section] if section in _STATE_KEYS[phase]  # noqa: E731
+                                       else key not in _NOT_IN_CHECKPOINT.get(section, ()))
         if isinstance(e, DataMismatch):
             what, sections = "data", ("data", "vae_train") if phase == "vae" else ("data",)
             counts = lambda section, key: key in _DATA_ORDER[section]  # noqa: E731

@@ -234,6 +234,8 @@ class CausalVAE(nn.Module):
 
     def setup(self):
         """Checks the architecture settings (one-line errors), then builds encoder and decoder."""
+        if not self.dim_mult:
+            raise ValueError("dim_mult is empty: expected one channel multiplier per resolution level")
         if len(self.temporal_downsample) != len(self.dim_mult) - 1:
             raise ValueError(
                 f"temporal_downsample needs one entry per downsampling (len(dim_mult) - 1 = "
