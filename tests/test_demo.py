@@ -38,6 +38,26 @@ def test_quick_demo_end_to_end(tmp_path, capsys, monkeypatch):
     assert [kw["cfg"] for kw in calls] == [1.5]
     assert main(["eval", "--workdir", str(workdir)]) == 0
 
+    # Another batch order than the one the checkpoints were saved with: one line naming it.
+    assert main(["demo", "--quick", "--workdir", str(workdir), "--no_progress", "data.batch_size=8"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "data settings that differ from the run that saved it: data.batch_size 16 there, 8 " \
+        "here" in err[0] and err[0].endswith("holds a demo run with other overrides: rerun with those, or pass "
+                                             "another --workdir)"), err
+    assert (workdir / "dit" / "metrics.jsonl").read_text() == before
+
+
+def test_a_quick_demo_workdir_is_named_as_such(tmp_path):
+    from vdit.demo import _other_run
+
+    (tmp_path / "vae").mkdir()
+    (tmp_path / "vae" / "config.json").write_text(json.dumps({"data": {"frames": 5, "resolution": 16}}))
+    assert _other_run(tmp_path, "vae", quick=False) == (f"{tmp_path} holds a `vdit demo` run with --quick: rerun it "
+                                                        f"so, or pass another --workdir")
+    (tmp_path / "vae" / "config.json").write_text(json.dumps({"data": {"frames": 17, "resolution": 32}}))
+    assert "run without --quick" in _other_run(tmp_path, "vae", quick=True)
+    assert "another run" in _other_run(tmp_path, "dit", quick=True)  # nothing recorded there
+
 
 def test_demo_rejects_an_unknown_override_before_doing_any_work(tmp_path, capsys):
     workdir = tmp_path / "demo"

@@ -86,6 +86,21 @@ def quick_overrides() -> list[str]:
             "sample.steps=4"]
 
 
+def _other_run(workdir: pathlib.Path, phase: str, quick: bool) -> str:
+    """What a demo workdir whose checkpoints do not fit this run holds, and what to do."""
+    import json
+
+    try:
+        data = json.loads((workdir / phase / "config.json").read_text())["data"]
+        was_quick = (data["frames"], data["resolution"]) == (5, 16)  # quick_overrides' clips
+    except (OSError, ValueError, KeyError, TypeError):
+        return "the workdir holds another run: pass another --workdir"
+    if was_quick != quick:
+        flag = "with --quick" if was_quick else "without --quick"
+        return f"{workdir} holds a `vdit demo` run {flag}: rerun it so, or pass another --workdir"
+    return "the workdir holds a demo run with other overrides: rerun with those, or pass another --workdir"
+
+
 def run_demo(workdir: str | pathlib.Path, *, quick: bool = False, data_dir: str | None = None,
              seeds: int | None = None, config: ml_collections.ConfigDict | None = None,
              overrides: list[str] | tuple[str, ...] = (), progress: bool = True) -> dict:
@@ -97,6 +112,7 @@ def run_demo(workdir: str | pathlib.Path, *, quick: bool = False, data_dir: str 
     import jax
 
     from vdit import evaluate
+    from vdit.checkpoint import CheckpointMismatch
     from vdit.config import load_config, override
     from vdit.data.moving_shapes import prepare_moving_shapes
     from vdit.data.pipeline import open_dataset
@@ -127,7 +143,10 @@ def run_demo(workdir: str | pathlib.Path, *, quick: bool = False, data_dir: str 
 
     for phase in ("vae", "dit"):
         t0 = time.perf_counter()
-        train(config, workdir, phase, progress=progress)
+        try:
+            train(config, workdir, phase, progress=progress)
+        except CheckpointMismatch as e:
+            raise CheckpointMismatch(f"{e} ({_other_run(workdir, phase, quick)})") from None
         timings[f"train_{phase}_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
