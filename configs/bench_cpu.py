@@ -12,7 +12,7 @@ _RESOLUTION = {256: 64, 1024: 128}
 
 def get_config(arg=None):
     """DiT width 384, depth 8, 6 heads, MLP 1536 (20.4M parameters) over a 4x/4x, 16-channel VAE."""
-    tokens = int(arg or 256)
+    tokens = int(arg) if str(arg or "").isdigit() else (256 if arg is None else 0)
     if tokens not in _RESOLUTION:
         raise ValueError(f"bench_cpu:{arg}: tokens per example must be one of {sorted(_RESOLUTION)}")
     c = base_config()

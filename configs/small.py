@@ -5,7 +5,9 @@ from vdit.configs._base import base_config
 
 def get_config(arg=None):
     """``arg`` picks the resolution: ``small`` (128x128, default) or ``small:256``."""
-    res = int(arg or 128)
+    res = int(arg) if str(arg or "").isdigit() else (128 if arg is None else 0)
+    if res < 16 or res % 16:  # whole 2x2 patches of the VAE's 8x latents
+        raise ValueError(f"small:{arg}: expected a frame size in pixels, a multiple of 16 such as small:256")
     c = base_config()
     c.data.update(frames=33, resolution=res, batch_size=32)
     c.vae.update(base_dim=64, dtype="bfloat16")

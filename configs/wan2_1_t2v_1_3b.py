@@ -20,6 +20,8 @@ def get_config(arg=None):
     c.optim.update(lr=1e-4, warmup_steps=1000)
     c.train.update(steps=100_000, checkpoint_every=1000, log_every=50)
     c.sample.update(steps=50, cfg=5.0)
+    if (arg or "host") not in ("host", "pod"):
+        raise ValueError(f"config argument {arg!r}: expected host (one host) or pod (multi-host)")
     if (arg or "host") == "pod":
         c.mesh.update(data=-1, fsdp=16)
     else:

@@ -43,6 +43,28 @@ def test_overrides_parse_types_and_suggest_keys():
         override(config, ["dit=3"])
     with pytest.raises(ValueError, match="did you mean 'tiny'"):
         load_config("tyni")
+    with pytest.raises(ValueError, match=r"unknown config key 'foo.bar' \(sections: data, dit, "):
+        override(config, ["foo.bar=3"])
+    # data.resolution takes a square size or an (H, W) pair, either way round
+    assert override(load_config("tiny"), ["data.resolution=(16, 24)"]).data.resolution == (16, 24)
+    assert override(load_config("tiny"), ["data.resolution=[16, 24]", "data.resolution=16"]).data.resolution == 16
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("small:abc", r"small:abc: expected a frame size in pixels, a multiple of 16"),
+    ("small:0", r"small:0: expected a frame size"),
+    ("bench_cpu:abc", r"bench_cpu:abc: tokens per example must be one of \[256, 1024\]"),
+    ("wan2_1_t2v_14b:bogus", r"config argument 'bogus': expected host \(one host\) or pod \(multi-host\)"),
+])
+def test_bad_config_arguments_are_named(spec, message):
+    with pytest.raises(ValueError, match=message):
+        load_config(spec)
+
+
+def test_a_config_file_without_get_config(tmp_path):
+    (tmp_path / "mine.py").write_text("CONFIG = {}\n")
+    with pytest.raises(ValueError, match=r"config file '.*mine.py' defines no get_config\(arg=None\) function"):
+        load_config(str(tmp_path / "mine.py"))
 
 
 def test_models_that_do_not_fit_are_rejected():
@@ -62,18 +84,29 @@ def test_cli_info_and_one_line_errors():
     assert run("--help").returncode == 0 and run("convert", "--help").returncode == 0
 
 
-def test_configs_ship_in_the_wheel(tmp_path):
+def test_configs_and_every_module_ship_in_the_wheel(tmp_path):
     # `--config tiny` must work after a non-editable install: configs/ is packaged as vdit.configs.
+    # And every module: a wheel without vdit/bench once lost the whole `vdit` command.
     import pathlib
+    import shutil
     import zipfile
 
     repo = pathlib.Path(__file__).parent.parent
-    built = subprocess.run([sys.executable, "-m", "pip", "wheel", str(repo), "--no-deps", "--no-build-isolation",
+    # Built from a copy of the sources: setuptools reuses a checkout's build/ folder, whose
+    # leftovers would hide a package the package list leaves out.
+    src = tmp_path / "src"
+    for name in ("vdit", "configs"):
+        shutil.copytree(repo / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(repo / name, src / name)
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", str(src), "--no-deps", "--no-build-isolation",
                             "-w", str(tmp_path), "-q"], capture_output=True, text=True)
     assert built.returncode == 0, built.stderr[-2000:]
     names = zipfile.ZipFile(next(tmp_path.glob("vdit-*.whl"))).namelist()
     assert {f"vdit/configs/{n}.py" for n in SHIPPED} <= set(names)
-    assert "vdit/configs/_base.py" in names and "vdit/data/pipeline.py" in names
+    assert "vdit/configs/_base.py" in names
+    sources = {p.relative_to(repo).as_posix() for p in (repo / "vdit").rglob("*.py")}
+    assert sources - set(names) == set(), "pyproject.toml [tool.setuptools] packages leaves these out of the wheel"
 
 
 def test_override_none_unsets_a_key():

@@ -40,6 +40,8 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
         module_spec = importlib.util.spec_from_file_location(f"vdit_config_{path.stem}", path)
         module = importlib.util.module_from_spec(module_spec)
         module_spec.loader.exec_module(module)
+        if not callable(getattr(module, "get_config", None)):
+            raise ValueError(f"config file {name!r} defines no get_config(arg=None) function returning a ConfigDict")
     else:
         known = available_configs()
         if name not in known:
@@ -126,13 +128,21 @@ def override(config: ml_collections.ConfigDict, assignments: Iterable[str]) -> m
                 break
         if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
             close = difflib.get_close_matches(key, _all_keys(config), n=1, cutoff=0.5)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
+            sections = [k for k, v in config.items() if isinstance(v, ml_collections.ConfigDict)]
+            hint = f"; did you mean {close[0]!r}?" if close else f" (sections: {', '.join(sections)})"
             raise ValueError(f"unknown config key {key!r}{hint}")
         current = node[leaf]
         if isinstance(current, ml_collections.ConfigDict):
             example = f"{key}.{next(iter(current))}"
             raise ValueError(f"config key {key!r} is a section; set one of its fields, e.g. {example}")
         value = _parse_value(text, current)
+        if key in _INT_OR_PAIR and isinstance(value, (int, tuple, list)) and not isinstance(value, bool):
+            # A square size or an (H, W) pair: ml_collections fixes a field's type, so swap the field.
+            value = tuple(value) if isinstance(value, list) else value
+            with node.unlocked():
+                del node[leaf]
+                node[leaf] = value
+            continue
         if value is None and current is not None and not _may_be_none(key):
             raise ValueError(f"config key {key!r} cannot be None: it is {type(current).__name__} ({current!r}) "
                              f"and has no unset default")
@@ -143,6 +153,10 @@ def override(config: ml_collections.ConfigDict, assignments: Iterable[str]) -> m
                 f"config key {key!r} is {type(current).__name__} ({current!r}); cannot set it to {value!r}"
             ) from e
     return config
+
+
+# Keys that take an int (a square) or an (H, W) pair.
+_INT_OR_PAIR = {"data.resolution"}
 
 
 def _may_be_none(key: str) -> bool:
