@@ -75,7 +75,7 @@ def _assert_same_params(a, b, atol=0.0):
         np.testing.assert_allclose(x, y, atol=atol, rtol=0)
 
 
-def test_interrupted_run_equals_uninterrupted(data, vae_workdir, tmp_path):
+def test_interrupted_run_equals_uninterrupted(data, vae_workdir, tmp_path, caplog):
     config = tiny(data, "train.steps=12", "train.checkpoint_every=100", "train.eval_every=0")
     straight = _with_vae(vae_workdir, tmp_path / "straight")
     assert train(config, straight, "dit", progress=False)["step"] == 12
@@ -87,6 +87,11 @@ def test_interrupted_run_equals_uninterrupted(data, vae_workdir, tmp_path):
 
     assert _losses(resumed) == _losses(straight) and len(_losses(straight)) == 12  # bit-identical, every step
     _assert_same_params(resumed, straight)
+    # Fewer steps than the checkpoint holds: nothing runs, and the log says so.
+    with caplog.at_level(logging.WARNING, logger="vdit"):
+        fewer = tiny(data, "train.steps=8", "train.checkpoint_every=100", "train.eval_every=0")
+        assert train(fewer, resumed, "dit", progress=False)["step"] == 12
+    assert "is at step 12, past train.steps=8: nothing to train (set train.steps above 12 to train on)" in caplog.text
 
 
 def test_resuming_with_another_model_names_the_changed_settings(data, vae_workdir, tmp_path):

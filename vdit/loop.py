@@ -287,6 +287,7 @@ def with_latent_stats(config: ml_collections.ConfigDict, workdir: str | pathlib.
     return config
 
 
+_TRAIN_SECTION = {"vae": "vae_train", "dit": "train"}
 # The config sections whose settings shape a phase's checkpoint (the DiT phase trains the text encoder too).
 _MODEL_SECTIONS = {"vae": ("vae",), "dit": ("dit", "text")}
 # A DiT checkpoint restores into either layer layout (scanned or unrolled blocks).
@@ -359,6 +360,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, phase:
         with _explain_mismatch(phase_dir, config, phase):
             start, run.state, _ = ckpt.restore(target, data_iterator=run.iterator, relayout=_RELAYOUT[phase])
         log.info("resumed %s from step %d", phase, start)
+        if start > total:
+            log.warning("%s is at step %d, past %s.steps=%d: nothing to train (set %s.steps above %d to train on)",
+                        phase_dir / "checkpoints", start, _TRAIN_SECTION[phase], total, _TRAIN_SECTION[phase], start)
     elif jax.process_index() == 0:
         phase_dir.mkdir(parents=True, exist_ok=True)
         (phase_dir / "config.json").write_text(json.dumps(_config_json(config), indent=2))
