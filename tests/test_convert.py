@@ -73,6 +73,11 @@ def test_bf16_checkpoint_converts(pipeline_folder, tmp_path):
 def test_not_a_diffusers_folder(tmp_path, capsys):
     assert main(["convert", "--src", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
     assert "neither a diffusers model" in capsys.readouterr().err
+    assert main(["convert", "--src", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
+    assert f"--src {tmp_path / 'nope'} does not exist; expected a diffusers model folder" in capsys.readouterr().err
+    (tmp_path / "f").write_text("")
+    assert main(["convert", "--src", str(tmp_path / "f"), "--out", str(tmp_path / "o")]) == 2
+    assert f"--src {tmp_path / 'f'} is a file, expected a diffusers model folder" in capsys.readouterr().err
 
 
 def test_a_broken_part_stops_the_conversion_before_anything_is_written(pipeline_folder, tmp_path, capsys):

@@ -119,6 +119,9 @@ def test_bad_arguments(src, tmp_path):
         prepare_folder(src, "x", tmp_path, frames=5, fps=5, stride=2)
     with pytest.raises(ValueError, match="dataset name"):
         prepare_folder(src, "a/b", tmp_path, frames=5)
+    (tmp_path / "file").write_text("")
+    with pytest.raises(NotADirectoryError, match="video folder .*file is a file, expected a folder of videos"):
+        prepare_folder(tmp_path / "file", "x", tmp_path, frames=5)
 
 
 def test_not_prepared_error(tmp_path):

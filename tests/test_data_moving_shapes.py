@@ -122,6 +122,11 @@ def test_config_names():
     assert ms.parse_config_name(name) == kw
     with pytest.raises(ValueError, match="1 \\+ 4k"):
         ms.config_name(frames=6)
+    # Before anything is written: an empty train split, or a seed numpy refuses
+    with pytest.raises(ValueError, match="num_train must be >= 1, got 0"):
+        ms.moving_shapes_config(num_train=0)
+    with pytest.raises(ValueError, match="seed must be an integer >= 0, got -1"):
+        ms.moving_shapes_config(seed=-1)
 
 
 def test_attributes_readable_from_pixels():

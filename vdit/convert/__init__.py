@@ -84,6 +84,9 @@ def convert_folder(src: str | pathlib.Path, out: str | pathlib.Path, *, overwrit
     import orbax.checkpoint as ocp
 
     src, out = pathlib.Path(src), pathlib.Path(out).absolute()
+    if not src.is_dir():
+        raise (NotADirectoryError(f"--src {src} is a file, expected a diffusers model folder") if src.exists() else
+               FileNotFoundError(f"--src {src} does not exist; expected a diffusers model folder"))
     folders = [src] if (src / "config.json").exists() else [
         src / p for p, _ in CONVERTERS.values() if (src / p).is_dir()]
     if not folders:

@@ -84,6 +84,12 @@ def _read_caption_table(src: Path) -> dict[str, str]:
     return table
 
 
+def _not_a_folder(src: Path) -> OSError:
+    if src.exists():
+        return NotADirectoryError(f"video folder {src} is a file, expected a folder of videos")
+    return FileNotFoundError(f"video folder {src} does not exist")
+
+
 def find_videos(src: str | os.PathLike) -> list[tuple[Path, str | None]]:
     """Videos under ``src`` (sorted) with their caption, or ``None`` where there is none.
 
@@ -92,7 +98,7 @@ def find_videos(src: str | os.PathLike) -> list[tuple[Path, str | None]]:
     """
     src = Path(src)
     if not src.is_dir():
-        raise FileNotFoundError(f"video folder {src} does not exist")
+        raise _not_a_folder(src)
     table = _read_caption_table(src)
     out = []
     for path in sorted(p for p in src.rglob("*") if p.suffix.lower() in VIDEO_EXTENSIONS and p.is_file()):
@@ -295,7 +301,7 @@ def prepare_folder(
         raise ValueError(f"need fps > 0, stride >= 1, clips_per_video >= 1; got {fps}, {stride}, {clips_per_video}")
     src = Path(src).expanduser().absolute()
     if not src.is_dir():
-        raise FileNotFoundError(f"video folder {src} does not exist")
+        raise _not_a_folder(src)
     cfg = VideoFolderConfig(
         name=name, src=str(src), frames=frames, resolution=hw, fps=fps, stride=stride, clips_per_video=clips_per_video
     )

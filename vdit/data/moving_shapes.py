@@ -284,9 +284,12 @@ def moving_shapes_config(**kw) -> MovingShapesConfig | str:
     lo, hi = kw["object_size"]
     if not 0 < lo <= hi < 1:
         raise ValueError(f"object_size must satisfy 0 < min <= max < 1, got {kw['object_size']}")
-    for k in ("num_train", "num_validation", "num_heldout"):
-        if k in kw and kw[k] < 0:
-            raise ValueError(f"{k} must be >= 0, got {kw[k]}")
+    for k, low in (("num_train", 1), ("num_validation", 0), ("num_heldout", 0)):  # training needs clips
+        if k in kw and kw[k] < low:
+            raise ValueError(f"{k} must be >= {low}, got {kw[k]}")
+    if "seed" in kw and (isinstance(kw["seed"], bool) or not isinstance(kw["seed"], (int, np.integer))
+                         or kw["seed"] < 0):
+        raise ValueError(f"seed must be an integer >= 0, got {kw['seed']!r}")
     name = config_name(**kw)
     if name == MovingShapes.DEFAULT_CONFIG_NAME:
         return name
