@@ -82,3 +82,7 @@ def test_converter_rejects_incomplete_and_foreign_checkpoints():
         convert_wan_dit(extra, DIFFUSERS_TEST)
     with pytest.raises(ValueError, match="image_dim"):
         convert_wan_dit(state, dict(DIFFUSERS_TEST, image_dim=1280))
+    with pytest.raises(ValueError, match=r"Wan config has patch_size=2: expected three positive integers \[t, h, w\]"):
+        convert_wan_dit(state, dict(DIFFUSERS_TEST, patch_size=2))
+    with pytest.raises(ValueError, match=r"Wan config has num_layers='2': expected a positive integer"):
+        convert_wan_dit(state, dict(DIFFUSERS_TEST, num_layers="2"))

@@ -22,6 +22,11 @@ from vdit.convert.common import KeyTracker, as_numpy, linear, stack_layers
 _UNSUPPORTED = {"image_dim": None, "added_kv_proj_dim": None, "pos_embed_seq_len": None}
 
 
+# Integer sizes of a diffusers WanTransformer3DModel config, with diffusers' defaults.
+_SIZES = {"in_channels": 16, "out_channels": 16, "num_attention_heads": 40, "attention_head_dim": 128,
+          "num_layers": 40, "ffn_dim": 13824, "text_dim": 4096, "freq_dim": 256}
+
+
 def dit_kwargs_from_config(config: Mapping[str, Any]) -> dict:
     """``DiT`` constructor arguments equivalent to a diffusers ``WanTransformer3DModel`` config."""
     for key, ok in _UNSUPPORTED.items():
@@ -30,6 +35,16 @@ def dit_kwargs_from_config(config: Mapping[str, Any]) -> dict:
     if config.get("qk_norm", "rms_norm_across_heads") not in ("rms_norm_across_heads", None):
         raise ValueError(
             f"Wan qk_norm={config['qk_norm']!r} is not supported; expected 'rms_norm_across_heads' or None")
+    for key, default in _SIZES.items():
+        value = config.get(key, default)
+        if value is None and key == "out_channels":  # diffusers: as many as in_channels
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"Wan config has {key}={value!r}: expected a positive integer")
+    patch = config.get("patch_size", (1, 2, 2))
+    if not (isinstance(patch, (list, tuple)) and len(patch) == 3
+            and all(isinstance(p, int) and not isinstance(p, bool) and p > 0 for p in patch)):
+        raise ValueError(f"Wan config has patch_size={patch!r}: expected three positive integers [t, h, w]")
     heads, head_dim = config.get("num_attention_heads", 40), config.get("attention_head_dim", 128)
     return dict(
         in_channels=config.get("in_channels", 16),
