@@ -365,6 +365,28 @@ def test_one_line_errors(capsys, tmp_path):
     bad.write_text("{}")
     assert main(["bench", "report", str(bad)]) == 2
     assert capsys.readouterr().err.strip().endswith("is not a vdit benchmark result (schema 'vdit.bench/1')")
+    assert main(["bench", "train", "--config", "tiny", "--batch", "3", "--cpu_devices", "1,2"]) == 2
+    assert capsys.readouterr().err.strip() == ("vdit bench: error: --cpu_devices 2 does not divide the batch of 3: "
+                                               "pass --batch a multiple of 2")
+    assert main(["bench", "train", "--config", "tiny", "--cpu_devices", "2", "--floor"]) == 2
+    assert "--floor times each matmul alone on one device" in capsys.readouterr().err
+
+
+def test_train_on_several_devices_is_a_variant_with_per_device_memory(capsys):
+    # conftest gives the tests 8 CPU devices; the step splits its batch of 4 over the first 1 and 2
+    from vdit.bench.report import _render_train
+    from vdit.bench.train import bench_train
+
+    r = bench_train(load_config("tiny"), batch=4, devices=[1, 2], xcheck=False, repeats=1, warmup=0, log=lambda _: None)
+    one, two = r["rows"]
+    assert (one["devices"], two["devices"]) == (1, 2) and one["step_s"] > 0 and two["step_s"] > 0
+    # the same state on each device, the activations of half the batch
+    assert one["state_ratio"] == pytest.approx(1.0, abs=0.01) and two["state_ratio"] == pytest.approx(1.0, abs=0.01)
+    assert two["estimate"]["activation_bytes"] == one["estimate"]["activation_bytes"] // 2
+    assert two["memory"]["temp_bytes"] < one["memory"]["temp_bytes"]
+    rows = [line for line in _render_train(r).splitlines() if line.startswith("| ")]
+    assert rows[0].startswith("| step | remat | scan | devices |")
+    assert rows[1].startswith("| vdit | none | False | 1 |") and rows[2].startswith("| vdit | none | False | 2 |")
 
 
 def test_timer_and_gemm_peak():

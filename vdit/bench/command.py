@@ -49,8 +49,9 @@ def _run(args: argparse.Namespace) -> dict:
     if args.kind == "train":
         from vdit.bench.train import bench_train
 
-        return bench_train(config, batch=args.batch, remats=args.remat, scans=args.scan, peer=args.peer,
-                           xcheck=not args.no_xcheck, profile=args.profile, floor=args.floor, **common)
+        return bench_train(config, batch=args.batch, remats=args.remat, scans=args.scan, devices=args.cpu_devices,
+                           peer=args.peer, xcheck=not args.no_xcheck, profile=args.profile, floor=args.floor,
+                           **common)
     if args.kind == "sample":
         from vdit.bench.sample import bench_sample
 
@@ -86,6 +87,10 @@ def cmd_bench(args: argparse.Namespace) -> None:
         else:
             print("\n\n".join(report.render(r) for r in results))
         return
+    if getattr(args, "cpu_devices", None) and max(args.cpu_devices) > 1:
+        from vdit.sharding import request_cpu_devices
+
+        request_cpu_devices(max(args.cpu_devices))  # before anything starts JAX's backends
     import jax
 
     from vdit.bench.machine import load_average, machine_info
@@ -131,6 +136,9 @@ def add_parser(sub) -> None:
     train.add_argument("--batch", type=positive_int, help="examples per step (default: data.batch_size)")
     train.add_argument("--remat", type=_csv(str), help="remat policies to compare, e.g. none,dots,full")
     train.add_argument("--scan", type=_csv(_bool), help="scan over layers settings, e.g. false,true")
+    train.add_argument("--cpu_devices", type=_csv(positive_int),
+                       help="device counts to compare, e.g. 1,2: the step runs data-parallel over N devices, as "
+                            "cpu_devices=N trains (on a CPU the host is split into max(N) XLA devices first)")
     train.add_argument("--peer", action="store_true", help="also time diffusers' WanTransformer3DModel (needs torch)")
     train.add_argument("--floor", action="store_true",
                        help="also time each of the step's matmuls alone and sum them: the step's matmul floor "

@@ -68,19 +68,23 @@ def _render_train(r: dict) -> str:
         lines.append(f"Peer: {peer['library']}, {peer['threads']} threads, {p['params_peer']:,} parameters (vdit "
                      f"{p['params_vdit']:,}); converted into vdit its outputs differ by {p['max_abs_diff']:.1e} "
                      f"(max |out| {p['max_abs_out']:.2f}).")
-    header = ["step", "remat", "scan", "compile s", "step s, median [min–max]", "tokens/s", unit, "of GEMM peak",
-              "MFU (spec)", "÷ diffusers", "temp MiB", "estimate MiB", "temp / estimate", "peak MiB"]
+    # A devices column only when some step ran on several (results from before it existed have none).
+    multi = any(row.get("devices", 1) > 1 for row in r["rows"])
+    header = ["step", "remat", "scan", *(["devices"] if multi else []), "compile s", "step s, median [min–max]",
+              "tokens/s", unit, "of GEMM peak", "MFU (spec)", "÷ diffusers", "temp MiB", "estimate MiB",
+              "temp / estimate", "peak MiB"]
     rows = []
     for row in r["rows"]:
         m, e = row["memory"], row["estimate"]
-        rows.append(["vdit", row["remat"], row["scan_layers"], _f(row["compile_s"], ".1f"), _spread(row["timing"]),
+        rows.append(["vdit", row["remat"], row["scan_layers"], *([row.get("devices", 1)] if multi else []),
+                     _f(row["compile_s"], ".1f"), _spread(row["timing"]),
                      _f(row["tokens_per_s"], ".0f"), _f(row["model_flops_per_s"], ".4g", k),
                      _f(row["frac_gemm_peak"], ".1%"), _f(row["mfu_spec"], ".1%"), _f(row["vs_peer"], ".3g"),
                      _f(m["temp_bytes"], ".1f", 1 / _MIB), _f(e["temp_bytes"], ".1f", 1 / _MIB),
                      _f(row["temp_ratio"], ".2f"), _f(m["peak_bytes"], ".1f", 1 / _MIB)])
     if peer:
-        rows.append(["diffusers", "none", "–", "–", _spread(peer["timing"]), _f(peer["tokens_per_s"], ".0f"),
-                     _f(peer["model_flops_per_s"], ".4g", k), _f(peer["frac_gemm_peak"], ".1%"),
+        rows.append(["diffusers", "none", "–", *(["–"] if multi else []), "–", _spread(peer["timing"]),
+                     _f(peer["tokens_per_s"], ".0f"), _f(peer["model_flops_per_s"], ".4g", k), _f(peer["frac_gemm_peak"], ".1%"),
                      _f(peer["mfu_spec"], ".1%"), "1.00" if peer["step_s"] else "–", "–", "–", "–", "–"])
     return "\n".join(lines) + "\n\n" + table(header, rows) + _render_floor(r, unit, k)
 

@@ -68,15 +68,16 @@ def random_batch(dit, batch: int, latent_shape: tuple[int, ...], text_len: int, 
             "text_mask": np.ones((batch, text_len), bool)}
 
 
-def _variant(config, models: Models, batch_np: dict) -> dict:
-    """Compiles vdit's DiT train step for ``models.dit``'s remat/scan setting.
+def _variant(config, models: Models, batch_np: dict, devices: int = 1) -> dict:
+    """Compiles vdit's DiT train step for ``models.dit``'s remat/scan setting, data-parallel
+    over the first ``devices`` devices.
 
     Returns ``{"compile_s", "memory", "num_params", "compiled", "step", "traceable"}``;
     ``step()`` runs one step on the same batch, threading the train state through;
     ``traceable`` is the jitted step and abstract arguments to trace it with.
     """
     dit = models.dit
-    mesh = make_mesh({"data": 1}, jax.devices()[:1])
+    mesh = make_mesh({"data": devices}, jax.devices()[:devices])
     rules = rules_from_config(config.sharding_rules)
     tx = T.make_optimizer(config.optim, config.train.steps)
     latents, emb, mask = batch_np["latents"][:1], batch_np["text_ids"][:1], batch_np["text_mask"][:1]
@@ -115,9 +116,9 @@ def _throughput(step_s: float | None, train_flops: float, tokens: int, peak: flo
 
 
 def bench_train(config: ml_collections.ConfigDict, *, batch: int | None = None, remats: list[str] | None = None,
-                scans: list[bool] | None = None, warmup: int = 1, repeats: int = 5, peer: bool = False,
-                xcheck: bool = True, profile: str | None = None, floor: bool = False,
-                log: Callable[[str], Any] = print) -> dict:
+                scans: list[bool] | None = None, devices: list[int] | None = None, warmup: int = 1,
+                repeats: int = 5, peer: bool = False, xcheck: bool = True, profile: str | None = None,
+                floor: bool = False, log: Callable[[str], Any] = print) -> dict:
     """Benchmarks the DiT train step of ``config`` for each remat policy x scan setting.
 
     Args:
@@ -126,6 +127,9 @@ def bench_train(config: ml_collections.ConfigDict, *, batch: int | None = None, 
       batch: examples per step (default ``data.batch_size``).
       remats: remat policies to compare (default: the config's).
       scans: scan-over-layers settings to compare (default: the config's).
+      devices: device counts to compare (default ``[1]``): the step runs data-parallel over
+        the first N devices, as ``cpu_devices=N`` with a ``data`` mesh trains; on a CPU,
+        ``vdit bench`` splits the host into that many XLA devices before JAX starts.
       warmup: untimed steps before timing.
       repeats: timed steps (the median is reported); 0 compiles only (memory, no time).
       peer: also time diffusers' WanTransformer3DModel doing the same step in torch.
@@ -147,12 +151,21 @@ def bench_train(config: ml_collections.ConfigDict, *, batch: int | None = None, 
         raise ValueError(reason)
     if floor and not repeats:
         raise ValueError("--floor times each matmul of the step: it needs --repeats >= 1")
+    devices = list(devices or [1])
+    batch = int(batch or config.data.batch_size)
+    for n in devices:
+        if n > jax.device_count():
+            raise ValueError(f"--cpu_devices {n}: this process has {jax.device_count()} device(s); on a CPU `vdit "
+                             f"bench` splits the host before JAX starts (JAX_NUM_CPU_DEVICES, if set, wins)")
+        if batch % n:
+            raise ValueError(f"--cpu_devices {n} does not divide the batch of {batch}: pass --batch a multiple of {n}")
+    if floor and max(devices) > 1:
+        raise ValueError("--floor times each matmul alone on one device: use it with --cpu_devices 1")
     unknown = sorted(set(remats or []) - set(REMAT_POLICIES))
     if unknown:
         raise ValueError(f"unknown remat policies {unknown}; expected some of {sorted(REMAT_POLICIES)}")
     models = build_models(config)
     models = dataclasses.replace(models, text=PrecomputedText(models.text.width, models.text.max_length))
-    batch = int(batch or config.data.batch_size)
     latent_shape, text_len = bench_geometry(config, models)
     dit = models.dit
     dtype = str(config.dit.dtype)
@@ -170,13 +183,16 @@ def bench_train(config: ml_collections.ConfigDict, *, batch: int | None = None, 
 
     batch_np = random_batch(dit, batch, latent_shape, text_len, config.seed)
     variants = []
-    for remat in remats or [dit.remat]:
-        for scan in scans if scans is not None else [dit.scan_layers]:
-            variant = dataclasses.replace(models, dit=dit.clone(remat=remat, scan_layers=scan))
-            log(f"[train] remat={remat} scan_layers={scan}: compiling")
-            out = _variant(config, variant, batch_np)
-            log(f"[train] remat={remat} scan_layers={scan}: compile {out['compile_s']:.1f} s")
-            variants.append((variant.dit, out))
+    for n in devices:
+        for remat in remats or [dit.remat]:
+            for scan in scans if scans is not None else [dit.scan_layers]:
+                variant = dataclasses.replace(models, dit=dit.clone(remat=remat, scan_layers=scan))
+                label = _label(variant.dit, n)
+                log(f"[train] {label}: compiling")
+                out = _variant(config, variant, batch_np, n)
+                out["devices"] = n
+                log(f"[train] {label}: compile {out['compile_s']:.1f} s")
+                variants.append((variant.dit, out))
     num_params = variants[0][1]["num_params"]
 
     # The GEMM peaks (XLA's here, torch's in the peer's setup) are measured just before the
@@ -186,7 +202,7 @@ def bench_train(config: ml_collections.ConfigDict, *, batch: int | None = None, 
     gemm = {"xla": gemm_peak(dtype, repeats=max(repeats, 3))} if repeats else {}
     peer_out = None
     with contextlib.ExitStack() as stack:
-        runs = {_label(d): out["step"] for d, out in variants}
+        runs = {_label(d, out["devices"]): out["step"] for d, out in variants}
         if peer:
             peer_out = _peer_setup(config, dit, batch_np, repeats=repeats, stack=stack, log=log)
             runs["peer"] = peer_out.pop("step")
@@ -198,17 +214,18 @@ def bench_train(config: ml_collections.ConfigDict, *, batch: int | None = None, 
             log(f"[train] timing {repeats} rounds of {', '.join(runs)}, interleaved (after {warmup} untimed)")
             timings = measure_interleaved(runs, warmup=warmup, repeats=repeats)
     for d, out in variants:
-        out["timing"] = timings.get(_label(d))
+        label = _label(d, out["devices"])
+        out["timing"] = timings.get(label)
         if out["timing"]:
-            log(f"[train] {_label(d)}: step {out['timing'].median:.4f} s")
+            log(f"[train] {label}: step {out['timing'].median:.4f} s")
         if profile is not None:
             if not repeats:
                 jax.block_until_ready(out["step"]())  # the traced steps must not include the first run's setup
-            pdir = f"{profile}/{d.remat}_scan{d.scan_layers}"
-            prof = profile_step(out["step"], out["compiled"].as_text(), pdir)
-            path = pathlib.Path(profile) / f"ops_{d.remat}_scan{d.scan_layers}.json"
+            name = f"{d.remat}_scan{d.scan_layers}" + (f"_devices{out['devices']}" if out["devices"] > 1 else "")
+            prof = profile_step(out["step"], out["compiled"].as_text(), f"{profile}/{name}")
+            path = pathlib.Path(profile) / f"ops_{name}.json"
             path.write_text(json.dumps(prof, indent=1) + "\n")
-            log(f"[train] {_label(d)}: op time per step by phase and kind ({path}; trace {prof['trace']}):\n"
+            log(f"[train] {label}: op time per step by phase and kind ({path}; trace {prof['trace']}):\n"
                 f"{format_split(prof)}")
         if floor:
             fn, args = out["traceable"]
@@ -231,10 +248,13 @@ def bench_train(config: ml_collections.ConfigDict, *, batch: int | None = None, 
     rows = []
     for vdit_dit, out in variants:
         step_s = out["timing"].median if out["timing"] else None
-        estimate = train_memory_estimate(vdit_dit, num_params, batch, F.tokens_per_example(dit, latent_shape), text_len)
-        batch_bytes = sum(v.nbytes for v in batch_np.values())
+        n = out["devices"]
+        # Memory is per device: the state on each, the activations of its share of the batch.
+        estimate = train_memory_estimate(vdit_dit, num_params, batch // n, F.tokens_per_example(dit, latent_shape),
+                                         text_len)
+        batch_bytes = sum(v.nbytes for v in batch_np.values()) // n
         rows.append({
-            "remat": vdit_dit.remat, "scan_layers": vdit_dit.scan_layers, "compile_s": out["compile_s"],
+            "remat": vdit_dit.remat, "scan_layers": vdit_dit.scan_layers, "devices": n, "compile_s": out["compile_s"],
             "timing": out["timing"].as_dict() if out["timing"] else None,
             **_throughput(step_s, train_flops, tokens, peak, spec),
             "vs_peer": step_s / peer_out["step_s"] if (peer_out and peer_out["step_s"] and step_s) else None,
@@ -257,8 +277,8 @@ def bench_train(config: ml_collections.ConfigDict, *, batch: int | None = None, 
     return {"kind": "train", "setup": setup, "flop_check": flop_check, "rows": rows, "peer": peer_out}
 
 
-def _label(dit) -> str:
-    return f"remat={dit.remat} scan_layers={dit.scan_layers}"
+def _label(dit, devices: int = 1) -> str:
+    return f"remat={dit.remat} scan_layers={dit.scan_layers}" + (f" devices={devices}" if devices > 1 else "")
 
 
 def _peer_setup(config, dit, batch_np: dict, *, repeats: int, stack: contextlib.ExitStack, log) -> dict:
