@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vdit.dit import DiT, count_params
+from vdit.dit import DiT, count_params, timestep_embedding
 
 TINY = dict(in_channels=4, patch_size=(1, 2, 2), width=32, depth=2, num_heads=2, mlp_dim=64, text_dim=16, freq_dim=32)
 
@@ -208,6 +208,10 @@ def test_bad_inputs():
     for bad_t in (jnp.zeros(3), jnp.zeros((2, 1))):
         with pytest.raises(ValueError, match=r"DiT expects t of shape \(B=2,\) or a scalar, got shape \("):
             model.init(jax.random.PRNGKey(0), x, bad_t, text, mask)
+    with pytest.raises(ValueError, match=r"DiT expects t as float times in \[0, 1\] .*=1000\), got int32"):
+        model.init(jax.random.PRNGKey(0), x, jnp.array([500, 20], jnp.int32), text, mask)  # diffusers' timesteps
+    with pytest.raises(ValueError, match=r"timestep_embedding expects timesteps of shape \(B,\), got shape \(2, 1\)"):
+        timestep_embedding(jnp.zeros((2, 1)), 8)
 
 
 def test_param_count_matches_formula():

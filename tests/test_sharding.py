@@ -28,6 +28,8 @@ def test_resolve_mesh_shapes_and_errors():
         rules_from_config({"embed": "model"})
     with pytest.raises(ValueError, match="make_mesh got an empty device list"):
         make_mesh({"data": -1}, [])
+    with pytest.raises(ValueError, match="seq_axis=5 must be an axis after the batch axis of a rank-3 array"):
+        batch_sharding(make_mesh({"data": -1}), 3, seq_axis=5)
 
 
 def test_fsdp_and_tensor_rules_split_dit_weights():

@@ -180,6 +180,8 @@ def test_bad_input_messages(vae):
         check_latents((1, 4, 4, 16), channels=16)
     with pytest.raises(ValueError, match="tile_size must be positive multiples of spatial_factor 4"):
         run(model, params, "encode", jnp.zeros((1, 1, 16, 16, 3)), tile_size=6)
+    with pytest.raises(ValueError, match=r"expected a size or an \(h, w\) pair of pixels, got \(8,\)"):
+        run(model, params, "encode", jnp.zeros((1, 1, 16, 16, 3)), tile_size=(8,))
     with pytest.raises(ValueError, match=r"video of dtype uint8: expected floats in \[-1, 1\]"):
         run(model, params, "encode", jnp.zeros((1, 1, 16, 16, 3), jnp.uint8))
 

@@ -37,6 +37,8 @@ REMAT_POLICIES = {
 
 def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0) -> jax.Array:
     """Sinusoidal embedding ``[cos, sin]`` of (already scaled) timesteps ``(B,) -> (B, dim)``."""
+    if jnp.ndim(t) != 1:
+        raise ValueError(f"timestep_embedding expects timesteps of shape (B,), got shape {tuple(jnp.shape(t))}")
     half = dim // 2
     freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
     args = t.astype(jnp.float32)[:, None] * freqs[None]
@@ -206,6 +208,10 @@ class DiT(nn.Module):
             raise ValueError(f"DiT expects text (B={b}, L, text_dim={self.text_dim}), got {tuple(text.shape)}")
         if jnp.ndim(t) > 1 or (jnp.ndim(t) == 1 and jnp.shape(t)[0] not in (1, b)):
             raise ValueError(f"DiT expects t of shape (B={b},) or a scalar, got shape {tuple(jnp.shape(t))}")
+        if not jnp.issubdtype(jnp.result_type(t), jnp.floating):
+            # Integer timesteps (0..999, diffusers' scale) would be read as times in [0, 1].
+            raise ValueError(f"DiT expects t as float times in [0, 1] (it scales them by timestep_scale="
+                             f"{self.timestep_scale:g}), got {jnp.result_type(t)}")
         t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (b,))
         d, out_ch = self.width, self.out_channels or self.in_channels
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, out_dtype=self.activation_dtype)

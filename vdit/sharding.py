@@ -162,6 +162,8 @@ def batch_sharding(mesh: Mesh, ndim: int, seq_axis: int | None = None) -> NamedS
     """Sharding of an ``ndim`` batch array: axis 0 over ``data x fsdp`` (optionally a sequence axis on ``context``)."""
     spec = [BATCH_AXES] + [None] * (ndim - 1)
     if seq_axis is not None:
+        if not 0 < seq_axis < ndim:
+            raise ValueError(f"seq_axis={seq_axis} must be an axis after the batch axis of a rank-{ndim} array")
         spec[seq_axis] = "context"
     return NamedSharding(mesh, P(*spec))
 

@@ -159,7 +159,11 @@ def _ramp(length: int, overlap: int, rise: bool, fall: bool) -> np.ndarray:
 
 
 def _pair(v: int | Sequence[int]) -> tuple[int, int]:
-    return (int(v), int(v)) if np.ndim(v) == 0 else (int(v[0]), int(v[1]))
+    if np.ndim(v) == 0:
+        return int(v), int(v)
+    if len(v) != 2:
+        raise ValueError(f"expected a size or an (h, w) pair of pixels, got {tuple(v)}")
+    return int(v[0]), int(v[1])
 
 
 # ----------------------------------------------------------------------------- the model
