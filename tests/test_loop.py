@@ -270,7 +270,6 @@ def test_vae_trains_on_random_crops(data, tmp_path):
                                   r"VAE on 8x8 windows$")),
     ("dit", "data.frames=9", (r"data.frames=9 but moving_shapes/\S+ stores 5-frame clips: set data.frames to at "
                               r"most 5")),
-
     # 8 CPU devices (conftest) on the data axis: the message names the batch the VAE phase uses
     ("vae", "vae_train.batch_size=12", r"vae_train.batch_size=12 must be divisible by the batch mesh axes .* = 8"),
     ("dit", "data.batch_size=12", r"data.batch_size=12 must be divisible by the batch mesh axes data x fsdp = 8"),
