@@ -377,9 +377,11 @@ def test_train_on_several_devices_is_a_variant_with_per_device_memory(capsys):
     from vdit.bench.report import _render_train
     from vdit.bench.train import bench_train
 
-    r = bench_train(load_config("tiny"), batch=4, devices=[1, 2], xcheck=False, repeats=1, warmup=0, log=lambda _: None)
+    # compiled only (memory needs no timing): the suite's time is for behaviour, not speed
+    config = override(load_config("tiny"), ["dit.depth=1"])
+    r = bench_train(config, batch=4, devices=[1, 2], xcheck=False, repeats=0, log=lambda _: None)
     one, two = r["rows"]
-    assert (one["devices"], two["devices"]) == (1, 2) and one["step_s"] > 0 and two["step_s"] > 0
+    assert (one["devices"], two["devices"]) == (1, 2) and one["step_s"] is None
     # the same state on each device, the activations of half the batch
     assert one["state_ratio"] == pytest.approx(1.0, abs=0.01) and two["state_ratio"] == pytest.approx(1.0, abs=0.01)
     assert two["estimate"]["activation_bytes"] == one["estimate"]["activation_bytes"] // 2
