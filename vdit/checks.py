@@ -85,8 +85,8 @@ def check_models(config: ml_collections.ConfigDict, models) -> None:
     frames, res = config.data.frames, config.data.resolution
     (h, w), sf, tf = as_hw(res), vae.spatial_factor, vae.temporal_factor
     if h % sf or w % sf:
-        raise ValueError(f"data.resolution={res!r}: the VAE downsamples {sf}x, so frames must be a multiple of "
-                         f"{sf} pixels")
+        raise ValueError(f"data.resolution={res!r}: the VAE downsamples {sf}x, so the frame size must be a "
+                         f"multiple of {sf} pixels")
     latent = (1 + (frames - 1) // tf, h // sf, w // sf)
     for axis, n, p, key in zip("THW", latent, patch, (f"data.frames={frames!r}", *[f"data.resolution={res!r}"] * 2)):
         if n % p:

@@ -19,7 +19,7 @@ import logging
 import pathlib
 import shlex
 import time
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -302,6 +302,14 @@ _STATE_KEYS = {"vae": {"vae_optim": {"grad_accum"}, "vae_train": {"on_nonfinite"
                "dit": {"optim": {"grad_accum"}, "train": {"on_nonfinite", "ema_decay"}}}
 
 
+def _compared_settings(phase: str, *, data: bool) -> dict[str, Callable[[str], bool]]:
+    """Per config section, which of its keys a mismatch of the model/state (or of the data order) lists."""
+    if data:
+        return {s: _DATA_ORDER[s].__contains__ for s in (("data", "vae_train") if phase == "vae" else ("data",))}
+    model = {s: (lambda k, s=s: k not in _NOT_IN_CHECKPOINT.get(s, ())) for s in _MODEL_SECTIONS[phase]}
+    return model | {s: keys.__contains__ for s, keys in _STATE_KEYS[phase].items()}
+
+
 @contextlib.contextmanager
 def _explain_mismatch(phase_dir: pathlib.Path, config: ml_collections.ConfigDict, phase: str):
     """Adds to a ``CheckpointMismatch`` the model settings that differ from the run that saved it
@@ -315,19 +323,15 @@ def _explain_mismatch(phase_dir: pathlib.Path, config: ml_collections.ConfigDict
         except (OSError, ValueError):
             saved = None
         now = _config_json(config)
-        what, sections = "model", (*_MODEL_SECTIONS[phase], *_STATE_KEYS[phase])
-        counts = lambda section, key: (key in _STATE_KEYS[phase][section] if section in _STATE_KEYS[phase]  # noqa: E731
-                                       else key not in _NOT_IN_CHECKPOINT.get(section, ()))
-        if isinstance(e, DataMismatch):
-            what, sections = "data", ("data", "vae_train") if phase == "vae" else ("data",)
-            counts = lambda section, key: key in _DATA_ORDER[section]  # noqa: E731
-        for section in sections if saved else ():
+        what = "data" if isinstance(e, DataMismatch) else "model"
+        compared = _compared_settings(phase, data=what == "data")
+        for section, counts in compared.items() if saved else ():
             old, new = saved.get(section, {}), now.get(section, {})
             changed += [f"{section}.{k} {json.dumps(old.get(k))} there, {json.dumps(new.get(k))} here"
-                        for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k) and counts(section, k)]
+                        for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k) and counts(k)]
         hint = (f"{what} settings that differ from the run that saved it: {'; '.join(changed[:6])}"
                 f"{' and more' if len(changed) > 6 else ''}"
-                if changed else f"no {'/'.join(sections)} setting differs from its config.json")
+                if changed else f"no {'/'.join(compared)} setting differs from its config.json")
         raise CheckpointMismatch(f"{e}: {hint}. Resume with the settings it was trained with, or train into "
                                  f"a new --workdir") from None
 
@@ -351,7 +355,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, phase:
     total = int(train_cfg.steps)
     # The VAE step a trained DiT was trained on stays, whatever keep_checkpoints says: training
     # the VAE on must not leave that DiT without the only VAE that decodes its latents.
-    dit_vae_step = _recorded_vae_step(workdir) if phase == "vae" and _phase_step(workdir, "dit") is not None else None
+    has_dit = phase == "vae" and _phase_step(workdir, "dit") is not None
+    dit_vae_step = _recorded_vae_step(workdir) if has_dit else None
     ckpt = Checkpointer(phase_dir / "checkpoints", keep=train_cfg.keep_checkpoints,
                         save_every=train_cfg.checkpoint_every, pinned=[] if dit_vae_step is None else [dit_vae_step])
     start = 0
@@ -370,7 +375,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, phase:
             tmp = phase_dir / (VAE_RECORD + ".partial")
             tmp.write_text(json.dumps({"vae_step": run.vae_step}))
             tmp.rename(phase_dir / VAE_RECORD)
-    if phase == "vae" and start < total and _phase_step(workdir, "dit") is not None:
+    if has_dit and start < total:
         trained, kept = "an earlier VAE", ""
         if dit_vae_step is not None:
             trained = f"VAE step {dit_vae_step}"
