@@ -51,10 +51,10 @@ def test_a_quick_demo_workdir_is_named_as_such(tmp_path):
     from vdit.demo import _other_run
 
     (tmp_path / "vae").mkdir()
-    (tmp_path / "vae" / "config.json").write_text(json.dumps({"data": {"frames": 5, "resolution": 16}}))
+    (tmp_path / "vae" / "config.json").write_text(json.dumps({"data": {"frames": 5, "resolution": 16, "batch_size": 16}}))
     assert _other_run(tmp_path, "vae", quick=False) == (f"{tmp_path} holds a `vdit demo` run with --quick: rerun it "
                                                         f"so, or pass another --workdir")
-    (tmp_path / "vae" / "config.json").write_text(json.dumps({"data": {"frames": 17, "resolution": 32}}))
+    (tmp_path / "vae" / "config.json").write_text(json.dumps({"data": {"frames": 17, "resolution": 32, "batch_size": 32}}))
     assert "run without --quick" in _other_run(tmp_path, "vae", quick=True)
     assert "another run" in _other_run(tmp_path, "dit", quick=True)  # nothing recorded there
 

@@ -90,9 +90,10 @@ def _other_run(workdir: pathlib.Path, phase: str, quick: bool) -> str:
     """What a demo workdir whose checkpoints do not fit this run holds, and what to do."""
     import json
 
+    quick_data = dict(o.split("=", 1) for o in quick_overrides() if o.startswith("data."))
     try:
         data = json.loads((workdir / phase / "config.json").read_text())["data"]
-        was_quick = (data["frames"], data["resolution"]) == (5, 16)  # quick_overrides' clips
+        was_quick = all(str(data[key.split(".")[1]]) == value for key, value in quick_data.items())
     except (OSError, ValueError, KeyError, TypeError):
         return "the workdir holds another run: pass another --workdir"
     if was_quick != quick:
