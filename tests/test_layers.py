@@ -98,21 +98,25 @@ def test_bf16_layers_run_forward_and_backward_at_every_size(lead):
     # XLA:CPU has no fallback kernel for bf16 x bf16 -> f32 matmuls that YNNPACK declines
     # (it declines some layouts), so the contractions vdit's layers emit must all run.
     bf16, f32 = jnp.bfloat16, jnp.float32
-
-    def run(f, *shapes):
-        args = [jnp.ones(s, bf16) for s in shapes]
-        grads = jax.jit(jax.grad(lambda *a: jnp.sum(f(*a) ** 2), argnums=tuple(range(len(args)))))(*args)
-        assert all(bool(jnp.all(jnp.isfinite(g.astype(f32)))) for g in grads)
+    cases = []  # (function, argument shapes): compiled together, as one program (one compile, not ~100)
 
     for sizes in _grid(lead + 2):
         *m, k, n = sizes
-        run(lambda x, w: layers.einsum(f"{'yz'[-lead:]}i,io->{'yz'[-lead:]}o", x, w, bf16, f32), (*m, k), (k, n))
-        w3 = (k, 3, n)
-        run(lambda x, w, b: jnp.stack(layers.fused_dense(x, [(w[:, i], b[i]) for i in range(3)], bf16, f32)),
-            (*m, k), w3, (3, n))
+        cases.append((lambda x, w: layers.einsum(f"{'yz'[-lead:]}i,io->{'yz'[-lead:]}o", x, w, bf16, f32),
+                      [(*m, k), (k, n)]))
+        cases.append((lambda x, w, b: jnp.stack(layers.fused_dense(x, [(w[:, i], b[i]) for i in range(3)], bf16, f32)),
+                      [(*m, k), (k, 3, n), (3, n)]))
     for b, h, q, kv in _grid(4, every=11):
-        run(lambda q_, k_: layers.einsum("bhqd,bhkd->bhqk", q_, k_, bf16, f32), (b, h, q, 8), (b, h, kv, 8))
-        run(lambda p, v: layers.einsum("bhqk,bhkd->bhqd", p, v, bf16, f32), (b, h, q, kv), (b, h, kv, 8))
+        cases.append((lambda q_, k_: layers.einsum("bhqd,bhkd->bhqk", q_, k_, bf16, f32), [(b, h, q, 8), (b, h, kv, 8)]))
+        cases.append((lambda p, v: layers.einsum("bhqk,bhkd->bhqd", p, v, bf16, f32), [(b, h, q, kv), (b, h, kv, 8)]))
+
+    def all_grads(args):
+        return [jax.grad(lambda *a, f=f: jnp.sum(f(*a) ** 2), argnums=tuple(range(len(a))))(*a)
+                for (f, _), a in zip(cases, args)]
+
+    args = [[jnp.ones(s, bf16) for s in shapes] for _, shapes in cases]
+    for (_, shapes), grads in zip(cases, jax.jit(all_grads)(args)):
+        assert all(bool(jnp.all(jnp.isfinite(g.astype(f32)))) for g in grads), shapes
 
 
 @pytest.mark.parametrize("use_bias", [True, False])
