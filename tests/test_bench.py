@@ -372,14 +372,25 @@ def test_one_line_errors(capsys, tmp_path):
     assert "--floor times each matmul alone on one device" in capsys.readouterr().err
 
 
-def test_train_on_several_devices_is_a_variant_with_per_device_memory(capsys):
+def test_train_on_several_devices_is_a_variant_with_per_device_memory(tmp_path):
     # conftest gives the tests 8 CPU devices; the step splits its batch of 4 over the first 1 and 2
     from vdit.bench.report import _render_train
     from vdit.bench.train import bench_train
 
-    # compiled only (memory needs no timing): the suite's time is for behaviour, not speed
+    # compiled and profiled only (memory needs no timing): the suite's time is for behaviour, not speed
     config = override(load_config("tiny"), ["dit.depth=1"])
-    r = bench_train(config, batch=4, devices=[1, 2], xcheck=False, repeats=0, log=lambda _: None)
+    logs = []
+    r = bench_train(config, batch=4, devices=[1, 2], xcheck=False, repeats=0, profile=str(tmp_path), log=logs.append)
+    # the profile splits each traced step by device: both devices ran it, and each took part in the
+    # gradient all-reduce; one device has no collective and no per-device lines
+    runs = json.loads((tmp_path / "ops_none_scanFalse_devices2.json").read_text())["runs"]
+    assert [(row["run"], row["device"]) for row in runs] == [(i, d) for i in range(3) for d in ("0", "1")]
+    assert all(row["collective"] > 0 and row["matmul"] > 0 and row["span_ms"] > 0 for row in runs)
+    single = json.loads((tmp_path / "ops_none_scanFalse.json").read_text())
+    assert [row["run"] for row in single["runs"]] == [0, 1, 2] and not any("collective" in k for k in single["split"])
+    printed = [line for line in logs if "devices=2: op time" in line]
+    assert len(printed) == 1 and "step device   span ms" in printed[0]
+    assert not any("step device" in line for line in logs if "devices=2" not in line)
     one, two = r["rows"]
     assert (one["devices"], two["devices"]) == (1, 2) and one["step_s"] is None
     # the same state on each device, the activations of half the batch

@@ -4,7 +4,8 @@ Each op of the trace is looked up in the compiled HLO and classified by
 
 * kind: ``matmul`` (a dot or convolution, alone or in a fusion), ``loop`` (any other
   fusion or op: elementwise work, transposes, copies, broadcasts) or ``control``
-  (while/call/conditional bookkeeping);
+  (while/call/conditional bookkeeping) or ``collective`` (all-reduce and the like: on XLA:CPU
+  its time includes waiting for the other devices to arrive);
 * phase, from the ``op_name`` JAX stamps on it: ``forward`` (``jvp(...)``), ``backward``
   (``transpose(...)``), ``remat`` (recomputed in the backward pass, ``rematted_computation``)
   or ``other`` (optimizer, EMA, metrics; the loss and its noise are part of the
@@ -12,6 +13,8 @@ Each op of the trace is looked up in the compiled HLO and classified by
 
 Op times are wall time per op; XLA:CPU runs independent ops concurrently, so their sum
 can exceed the step time and one op's GFLOP/s can read low while a sibling runs beside it.
+On several CPU devices ``runs`` also splits each traced step by device, from the
+``run_id`` and ``device_ordinal`` XLA:CPU stamps on every op.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ _INSTR = re.compile(r"^\s+(?:ROOT )?%?([\w.\-]+) = (.*)$")
 _COMPUTATION = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) [^\n]*\{\n(.*?)\n\}", re.S | re.M)
 _MATMUL = re.compile(r"\s(?:dot|convolution)\(")
 _CONTROL = re.compile(r"\s(?:while|call|conditional)\(")
+_COLLECTIVE = re.compile(r"\s(?:all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute)(?:-start|-done)?\(")
 
 
 def hlo_ops(hlo_text: str) -> dict[str, dict]:
@@ -45,6 +49,8 @@ def hlo_ops(hlo_text: str) -> dict[str, dict]:
         op = " " + rest.split(", metadata=")[0]
         if _CONTROL.search(op):
             kind = "control"
+        elif _COLLECTIVE.search(op):
+            kind = "collective"
         elif _MATMUL.search(op) or _MATMUL.search(body):
             kind = "matmul"
         else:
@@ -109,13 +115,38 @@ def device_kernel_split(trace_file: str | pathlib.Path, steps: int) -> dict[str,
     return dict(split.most_common())
 
 
+def run_split(trace_file: str | pathlib.Path, ops: dict[str, dict]) -> list[dict]:
+    """Each traced run of the step on each CPU device: ``{"run", "device", "span_ms", kind: ms}``.
+
+    ``run`` counts the traced steps from 0 and ``span_ms`` is that step's wall time, first
+    op to last on any device. Read from the ``run_id`` and ``device_ordinal`` that XLA:CPU
+    stamps on each op event; [] for a trace without them (an accelerator's).
+    """
+    events, _ = _trace_events(trace_file)
+    times, spans = collections.defaultdict(collections.Counter), {}
+    for e in events:
+        args = e.get("args") or {}
+        info = ops.get(args.get("hlo_op", ""))
+        if e.get("ph") != "X" or "dur" not in e or info is None or "run_id" not in args:
+            continue
+        run = int(args["run_id"])
+        times[run, str(args.get("device_ordinal", "0"))][info["kind"]] += e["dur"] / 1e3
+        start, end = spans.get(run, (e["ts"], e["ts"] + e["dur"]))
+        spans[run] = (min(start, e["ts"]), max(end, e["ts"] + e["dur"]))
+    order = {run: i for i, run in enumerate(sorted(spans, key=lambda r: spans[r][0]))}
+    rows = [{"run": order[run], "device": device, "span_ms": (spans[run][1] - spans[run][0]) / 1e3,
+             **dict(kinds.most_common())} for (run, device), kinds in times.items()]
+    return sorted(rows, key=lambda r: (r["run"], r["device"]))
+
+
 def profile_step(run: Callable[[], object], hlo_text: str, directory: str | pathlib.Path, steps: int = 3,
                  top: int = 40) -> dict:
     """Traces ``steps`` calls of ``run`` (already warm) into ``directory`` and sums them per op.
 
     Returns ``{"steps", "trace", "split": {"phase kind": ms per step}, "kernels": {kernel
-    kind: ms per step} (accelerators only), "ops": [top ops]}``, each op ``{"name", "ms",
-    "count", "kind", "phase", "op_name"}`` per step.
+    kind: ms per step} (accelerators only), "runs": [each step on each device] (CPU only,
+    see ``run_split``), "ops": [top ops]}``, each op ``{"name", "ms", "count", "kind",
+    "phase", "op_name"}`` per step.
     """
     directory = pathlib.Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -139,13 +170,22 @@ def profile_step(run: Callable[[], object], hlo_text: str, directory: str | path
         rows.append({"name": name, "ms": ms, "count": count[name] // steps, **info})
     rows.sort(key=lambda r: -r["ms"])
     return {"steps": steps, "trace": str(new[-1]), "split": dict(split.most_common()),
-            "kernels": device_kernel_split(new[-1], steps), "ops": rows[:top]}
+            "kernels": device_kernel_split(new[-1], steps), "runs": run_split(new[-1], ops), "ops": rows[:top]}
 
 
 def format_split(profile: dict) -> str:
-    """One line per ``phase kind`` (and per device kernel kind) with its ms per step and share."""
+    """One line per ``phase kind`` (and per device kernel kind) with its ms per step and share;
+    on several CPU devices, also each traced step's op time by device and kind."""
     lines = []
     for title, split in (("", profile["split"]), ("kernels: ", profile.get("kernels") or {})):
         total = sum(split.values()) or 1.0
         lines += [f"{ms:9.1f} ms {100 * ms / total:5.1f}%  {title}{key}" for key, ms in split.items()]
+    runs = profile.get("runs") or []
+    if len({r["device"] for r in runs}) > 1:  # one line per step and device: who waited for whom
+        lines.append("  step device   span ms  " + "".join(f"{k:>11s}" for k in _RUN_KINDS))
+        lines += [f"  {r['run']:4d} {r['device']:>6s} {r['span_ms']:9.1f}  "
+                  + "".join(f"{r.get(k, 0.0):11.1f}" for k in _RUN_KINDS) for r in runs]
     return "\n".join(lines)
+
+
+_RUN_KINDS = ("matmul", "loop", "collective")
