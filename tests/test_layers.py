@@ -107,8 +107,10 @@ def test_bf16_layers_run_forward_and_backward_at_every_size(lead):
         cases.append((lambda x, w, b: jnp.stack(layers.fused_dense(x, [(w[:, i], b[i]) for i in range(3)], bf16, f32)),
                       [(*m, k), (k, 3, n), (3, n)]))
     for b, h, q, kv in _grid(4, every=11):
-        cases.append((lambda q_, k_: layers.einsum("bhqd,bhkd->bhqk", q_, k_, bf16, f32), [(b, h, q, 8), (b, h, kv, 8)]))
-        cases.append((lambda p, v: layers.einsum("bhqk,bhkd->bhqd", p, v, bf16, f32), [(b, h, q, kv), (b, h, kv, 8)]))
+        cases.append((lambda q_, k_: layers.einsum("bhqd,bhkd->bhqk", q_, k_, bf16, f32),
+                      [(b, h, q, 8), (b, h, kv, 8)]))
+        cases.append((lambda p, v: layers.einsum("bhqk,bhkd->bhqd", p, v, bf16, f32),
+                      [(b, h, q, kv), (b, h, kv, 8)]))
 
     def all_grads(args):
         return [jax.grad(lambda *a, f=f: jnp.sum(f(*a) ** 2), argnums=tuple(range(len(a))))(*a)
