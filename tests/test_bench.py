@@ -203,12 +203,14 @@ def test_train_profile_splits_op_time_by_phase_and_kind(tmp_path):
 
 
 def test_trace_op_times_counts_device_events_by_hlo_op(tmp_path):
-    from vdit.bench.profile import trace_op_times
+    from vdit.bench.profile import run_split, trace_op_times
 
     events = [
         {"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/host:CPU"}},
         {"ph": "M", "name": "process_name", "pid": 2, "args": {"name": "/device:GPU:0 (NVIDIA H200)"}},
-        {"ph": "X", "pid": 1, "name": "fusion.1", "dur": 5.0},  # the host's launch of the kernel below
+        # the host's launch of the kernel below
+        {"ph": "X", "pid": 1, "name": "fusion.1", "dur": 5.0, "ts": 0.0,
+         "args": {"hlo_op": "fusion.1", "run_id": "7", "device_ordinal": "0"}},
         {"ph": "X", "pid": 2, "name": "loop_add_fusion", "dur": 7.0, "args": {"hlo_op": "fusion.1"}},
         {"ph": "X", "pid": 2, "name": "loop_add_fusion", "dur": 3.0, "args": {"hlo_op": "fusion.1"}},
         {"ph": "X", "pid": 2, "name": "sm90_gemm", "dur": 4.0, "args": {"hlo_op": "dot.2"}},
@@ -222,6 +224,13 @@ def test_trace_op_times_counts_device_events_by_hlo_op(tmp_path):
     with gzip.open(path, "wt") as f:
         json.dump({"traceEvents": [e for e in events if e["pid"] == 1]}, f)
     assert trace_op_times(path)[0] == {"fusion.1": 5.0}
+    # Per-step, per-device lines read a CPU trace's op events; an accelerator trace's host
+    # events time launches, not work, so it has none.
+    ops = {"fusion.1": {"kind": "loop"}, "dot.2": {"kind": "matmul"}}
+    assert run_split(path, ops) == [{"run": 0, "device": "0", "span_ms": 0.005, "loop": 0.005}]
+    with gzip.open(path, "wt") as f:
+        json.dump({"traceEvents": events}, f)
+    assert run_split(path, ops) == []
 
 
 def test_device_kernel_split_groups_gpu_kernels_by_kind(tmp_path):

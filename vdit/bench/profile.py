@@ -3,7 +3,7 @@
 Each op of the trace is looked up in the compiled HLO and classified by
 
 * kind: ``matmul`` (a dot or convolution, alone or in a fusion), ``loop`` (any other
-  fusion or op: elementwise work, transposes, copies, broadcasts) or ``control``
+  fusion or op: elementwise work, transposes, copies, broadcasts), ``control``
   (while/call/conditional bookkeeping) or ``collective`` (all-reduce and the like: on XLA:CPU
   its time includes waiting for the other devices to arrive);
 * phase, from the ``op_name`` JAX stamps on it: ``forward`` (``jvp(...)``), ``backward``
@@ -32,6 +32,7 @@ _INSTR = re.compile(r"^\s+(?:ROOT )?%?([\w.\-]+) = (.*)$")
 _COMPUTATION = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) [^\n]*\{\n(.*?)\n\}", re.S | re.M)
 _MATMUL = re.compile(r"\s(?:dot|convolution)\(")
 _CONTROL = re.compile(r"\s(?:while|call|conditional)\(")
+_RUN_KINDS = ("matmul", "loop", "collective")  # the columns of format_split's per-device lines
 _COLLECTIVE = re.compile(r"\s(?:all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute)(?:-start|-done)?\(")
 
 
@@ -120,9 +121,11 @@ def run_split(trace_file: str | pathlib.Path, ops: dict[str, dict]) -> list[dict
 
     ``run`` counts the traced steps from 0 and ``span_ms`` is that step's wall time, first
     op to last on any device. Read from the ``run_id`` and ``device_ordinal`` that XLA:CPU
-    stamps on each op event; [] for a trace without them (an accelerator's).
+    stamps on each op event; [] for an accelerator's trace (its host events time launches).
     """
-    events, _ = _trace_events(trace_file)
+    events, device_pids = _trace_events(trace_file)
+    if device_pids:
+        return []
     times, spans = collections.defaultdict(collections.Counter), {}
     for e in events:
         args = e.get("args") or {}
@@ -187,5 +190,3 @@ def format_split(profile: dict) -> str:
                   + "".join(f"{r.get(k, 0.0):11.1f}" for k in _RUN_KINDS) for r in runs]
     return "\n".join(lines)
 
-
-_RUN_KINDS = ("matmul", "loop", "collective")
