@@ -20,6 +20,7 @@ On several CPU devices ``runs`` also splits each traced step by device, from the
 from __future__ import annotations
 
 import collections
+import functools
 import gzip
 import json
 import pathlib
@@ -66,6 +67,13 @@ def hlo_ops(hlo_text: str) -> dict[str, dict]:
 
 def _trace_events(trace_file: str | pathlib.Path) -> tuple[list[dict], set]:
     """A perfetto trace's events, and the pids of its accelerator processes (none on a CPU)."""
+    stat = pathlib.Path(trace_file).stat()  # a rewritten file is read afresh
+    return _read_trace(str(trace_file), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=1)  # profile_step reads one trace three ways: parse it once
+def _read_trace(trace_file: str, mtime_ns: int, size: int) -> tuple[list[dict], set]:
+    del mtime_ns, size  # cache key only
     with gzip.open(trace_file) as f:
         data = json.load(f)
     events = data["traceEvents"] if isinstance(data, dict) else data
