@@ -11,7 +11,8 @@ def get_config(arg=None):
     plain L2 autoencoder on 16x16 windows of 17-frame clips; the DiT's blocks are unrolled,
     keeping every activation for the backward pass (docs/performance.md, remat).
     """
-    del arg
+    if arg is not None:
+        raise ValueError(f"shapes_cpu:{arg}: shapes_cpu takes no argument (use shapes_cpu, and key=value overrides)")
     c = base_config()
     # Two XLA devices, one per core of the 2-core CPU this demo is sized for, each with half
     # the batch. With the vdit command's huge-page malloc (and, in those f32 runs, remat

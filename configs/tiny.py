@@ -4,8 +4,9 @@ from vdit.configs._base import base_config
 
 
 def get_config(arg=None):
-    """Tiny models on a 4x-temporal, 4x-spatial VAE; ``arg`` is unused."""
-    del arg
+    """Tiny models on a 4x-temporal, 4x-spatial VAE; takes no ``arg``."""
+    if arg is not None:
+        raise ValueError(f"tiny:{arg}: tiny takes no argument (use tiny, and key=value overrides)")
     c = base_config()
     c.data.update(frames=5, resolution=16, batch_size=8)
     c.vae.update(base_dim=8, z_dim=4, dim_mult=(1, 2, 2), num_res_blocks=1, temporal_downsample=(True, True),

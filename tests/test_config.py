@@ -55,6 +55,8 @@ def test_overrides_parse_types_and_suggest_keys():
     ("small:0", r"small:0: expected a frame size"),
     ("bench_cpu:abc", r"bench_cpu:abc: tokens per example must be one of \[256, 1024\]"),
     ("wan2_1_t2v_14b:bogus", r"config argument 'bogus': expected host \(one host\) or pod \(multi-host\)"),
+    ("tiny:64", r"tiny:64: tiny takes no argument"),
+    ("shapes_cpu:quick", r"shapes_cpu:quick: shapes_cpu takes no argument"),
 ])
 def test_bad_config_arguments_are_named(spec, message):
     with pytest.raises(ValueError, match=message):
@@ -65,6 +67,28 @@ def test_a_config_file_without_get_config(tmp_path):
     (tmp_path / "mine.py").write_text("CONFIG = {}\n")
     with pytest.raises(ValueError, match=r"config file '.*mine.py' defines no get_config\(arg=None\) function"):
         load_config(str(tmp_path / "mine.py"))
+
+
+@pytest.mark.parametrize("source, message", [
+    ("import not_a_module_anywhere\n",
+     r"config file '.*mine.py' failed at line 1: ModuleNotFoundError: No module named 'not_a_module_anywhere'"),
+    ("def get_config(arg=None):\n    c = {}\n    return c['vae']\n",
+     r"config '.*mine.py:x': get_config\('x'\) failed at line 3: KeyError: 'vae'"),
+    ("def get_config(arg=None):\n    return {'vae': {}}\n",
+     r"get_config returned a dict, expected an ml_collections.ConfigDict"),
+    ("import ml_collections\ndef get_config(arg=None):\n    return ml_collections.ConfigDict({'vae': {}})\n",
+     r"config '.*mine.py:x' lacks the top-level keys cpu_devices, data, dit, .*: build it on .*base_config"),
+])
+def test_errors_in_a_users_config_file_are_one_line(tmp_path, capsys, source, message):
+    from vdit.cli import main
+    (tmp_path / "mine.py").write_text(source)
+    spec = f"{tmp_path / 'mine.py'}:x"
+    with pytest.raises(ValueError, match=message):
+        load_config(spec)
+    assert main(["train", "--config", spec, "--workdir", str(tmp_path / "w")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("vdit train: error: config") and err.count("\n") == 1 and "Traceback" not in err
+    assert not (tmp_path / "w").exists()
 
 
 def test_models_that_do_not_fit_are_rejected():

@@ -12,11 +12,13 @@ names the closest valid key.
 from __future__ import annotations
 
 import ast
+import contextlib
 import difflib
 import importlib
 import importlib.util
 import json
 import pathlib
+import traceback
 from typing import Iterable
 
 import ml_collections
@@ -39,7 +41,8 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
             raise ValueError(f"config file {name!r} does not exist; shipped configs: {', '.join(available_configs())}")
         module_spec = importlib.util.spec_from_file_location(f"vdit_config_{path.stem}", path)
         module = importlib.util.module_from_spec(module_spec)
-        module_spec.loader.exec_module(module)
+        with _user_code(f"config file {name!r}", path):
+            module_spec.loader.exec_module(module)
         if not callable(getattr(module, "get_config", None)):
             raise ValueError(f"config file {name!r} defines no get_config(arg=None) function returning a ConfigDict")
     else:
@@ -50,9 +53,37 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
             raise ValueError(
                 f"unknown config {name!r}{hint} (shipped: {', '.join(known)}; or pass a path to a .py file)")
         module = importlib.import_module(f"vdit.configs.{name}")
-    config = module.get_config(arg or None)
+    with _user_code(f"config {spec!r}: get_config({arg or None!r})", path if path.suffix == ".py" else None):
+        config = module.get_config(arg or None)
+    if not isinstance(config, ml_collections.ConfigDict):
+        raise ValueError(f"config {spec!r}: get_config returned a {type(config).__name__}, expected an "
+                         f"ml_collections.ConfigDict (start from vdit.configs._base.base_config())")
+    base = importlib.import_module("vdit.configs._base").base_config()
+    if missing := [k for k in base if k not in config]:
+        raise ValueError(f"config {spec!r} lacks the top-level keys {', '.join(missing)}: build it on "
+                         f"vdit.configs._base.base_config(), which holds every key")
     config.lock()
     return config
+
+
+@contextlib.contextmanager
+def _user_code(what: str, path: pathlib.Path | None):
+    """Runs a user's config file: an error in it becomes one line naming the file and line.
+
+    A ValueError passes as it is: configs raise it to say what is wrong with their argument.
+    Shipped configs (``path`` None) keep their traceback, as any other vdit bug.
+    """
+    try:
+        yield
+    except ValueError:
+        raise
+    except Exception as e:
+        if path is None:
+            raise
+        frames = [f for f in traceback.extract_tb(e.__traceback__) if pathlib.Path(f.filename) == path.resolve()
+                  or pathlib.Path(f.filename) == path]
+        where = f" at line {frames[-1].lineno}" if frames else ""
+        raise ValueError(f"{what} failed{where}: {type(e).__name__}: {e}") from e
 
 
 def _load_recorded(path: pathlib.Path) -> ml_collections.ConfigDict:
