@@ -229,3 +229,14 @@ def test_times_that_do_not_match_the_batch_are_named():
                                              r"shape \(2, 3, 4\); got shape \("):
             sch.add_noise(x, x, t, Schedule())
     assert sch.add_noise(x, x + 1, jnp.float32(1.0), Schedule()).shape == x.shape  # a scalar t broadcasts
+
+
+@pytest.mark.parametrize("t", [np.array([0.5, 1.5]), jnp.array([-0.1, 0.2]), np.array([np.nan, 0.5]), 2.0])
+def test_times_outside_0_1_are_named(t):
+    x = jnp.zeros((2, 3))
+    with pytest.raises(ValueError, match=r"t must lie in \[0, 1\] \(0 clean, 1 noise\); got 1 of \d outside it"):
+        sch.add_noise(x, x, t, Schedule())
+    with pytest.raises(ValueError, match=r"t must lie in \[0, 1\]"):
+        sch.alpha_sigma(t, Schedule(kind="vp"))
+    # Traced times cannot be read: jit passes them through rather than fail to trace.
+    assert jax.jit(lambda t: sch.alpha_sigma(t, Schedule())[0])(jnp.asarray(t)).shape == jnp.shape(t)

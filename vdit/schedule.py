@@ -22,6 +22,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 KINDS = ("flow", "vp")
 VP_SCHEDULES = ("cosine", "linear")
@@ -208,8 +209,24 @@ def _alpha_sigma(t, schedule: Schedule, xp):
     return xp.cos(a_minus_b + b) / math.cos(b), sigma
 
 
+def check_t(t: Any) -> None:
+    """Raises a ValueError naming the values when concrete times fall outside [0, 1] (or are NaN).
+
+    Times traced under jit cannot be read, so they pass unchecked: the samplers and the
+    train step build theirs from this module's functions.
+    """
+    if isinstance(t, jax.core.Tracer) or (isinstance(t, jax.Array) and not t.is_fully_addressable):
+        return
+    t = np.asarray(t, np.float32)
+    bad = t[~((t >= 0) & (t <= 1))]
+    if bad.size:
+        raise ValueError(f"t must lie in [0, 1] (0 clean, 1 noise); got {bad.size} of {t.size} outside it, "
+                         f"e.g. {bad.flat[0]:g}")
+
+
 def alpha_sigma(t: jax.Array, schedule: Schedule) -> tuple[jax.Array, jax.Array]:
-    """Signal and noise scales ``(alpha(t), sigma(t))`` in f32, shapes of ``t``."""
+    """Signal and noise scales ``(alpha(t), sigma(t))`` in f32, shapes of ``t``; ``t`` in [0, 1]."""
+    check_t(t)
     return _alpha_sigma(jnp.asarray(t, jnp.float32), schedule, jnp)
 
 
