@@ -208,6 +208,23 @@ def test_sample_writes_readable_videos(data, vae_workdir, tmp_path):
     video = mediapy.read_video(mp4s[0])
     assert video.shape[0] == 5 and video.shape[-1] == 3
 
+    # On a mesh: the same videos, from parameters that stay sharded as the run's rules say.
+    from vdit import sample
+    from vdit.sample import generate, load_pipeline, sample_mesh
+
+    prompts = ["a red circle moving left", "a blue square moving up"]
+    one = generate(load_pipeline(workdir), prompts, num_per_prompt=2, steps=3)
+    pipe = load_pipeline(workdir, mesh=sample_mesh(None, "data=2,fsdp=-1"))
+    assert dict(pipe.mesh.shape)["fsdp"] == 4
+    axes = lambda spec: {a for e in spec for a in (e if isinstance(e, tuple) else (e,))}  # noqa: E731
+    assert any("fsdp" in axes(x.sharding.spec) for x in jax.tree.leaves(pipe.params["dit"]))
+    assert sample._lives_on(pipe.params, pipe.mesh)  # so generate samples on them as they are
+    assert np.abs(generate(pipe, prompts, num_per_prompt=2, steps=3).astype(int) - one).max() <= 1
+    mesh_out = tmp_path / "mesh"
+    assert main(["sample", "--workdir", str(workdir), "--prompt", prompts[0], "--steps", "3", "--mesh", "config",
+                 "--out", str(mesh_out)]) == 0
+    assert len(list(mesh_out.glob("*.mp4"))) == 1 and (mesh_out / "contact_sheet.png").exists()
+
 
 def test_cached_latents_train_like_online_encoding(data, vae_workdir, tmp_path):
     # Same data order and RNG: training from the cache must follow the on-the-fly run.

@@ -8,7 +8,8 @@ import pytest
 
 from vdit.config import load_config
 from vdit.models import build_models
-from vdit.sample import Pipeline, config_from_workdir, generate, init_params, latent_shape, sample_key
+from vdit.sample import (Pipeline, config_from_workdir, generate, init_params, latent_shape, sample_key,
+                         sample_mesh)
 
 RED, BLUE = "a red circle moving left", "a blue square moving up"
 
@@ -107,3 +108,28 @@ def test_frames_must_fill_the_dits_temporal_patches(pipe):
         latent_shape(two, 9, 16)
     with pytest.raises(ValueError, match=r"frames=1: .*; nearest: 5$"):
         latent_shape(two, 1, 16)
+
+
+@pytest.mark.parametrize("spec, match", [
+    ("data=3", r"mesh data=3 x fsdp=1 x context=1 x tensor=1 uses 3 devices but 8 are available"),
+    ("dat=8", r"--mesh dat=8: expected 'config' or AXIS=SIZE pairs joined by commas, AXIS one of data, fsdp"),
+    ("data=two", r"--mesh data=two: expected 'config' or AXIS=SIZE pairs"),
+    ("data=-1,fsdp=-1", r"use positive sizes and at most one -1"),
+])
+def test_sample_mesh_names_a_bad_spec(spec, match):
+    with pytest.raises(ValueError, match=match):
+        sample_mesh(load_config("tiny"), spec)
+
+
+def test_sample_mesh_from_the_config_or_axes():
+    assert dict(sample_mesh(load_config("tiny"), "config").shape) == {"data": 8, "fsdp": 1, "context": 1, "tensor": 1}
+    assert dict(sample_mesh(None, "fsdp=4, data=-1").shape) == {"data": 2, "fsdp": 4, "context": 1, "tensor": 1}
+    assert sample_mesh(None, None).devices.size == 1
+
+
+def test_parameters_already_on_the_mesh_sample_as_replicated_ones(pipe):
+    from vdit.sharding import make_mesh, replicated
+
+    mesh = make_mesh({"data": 1}, jax.devices()[:1])
+    placed = Pipeline(pipe.models, jax.device_put(pipe.params, replicated(mesh)), pipe.config, mesh)
+    np.testing.assert_array_equal(generate(placed, [RED, BLUE], steps=2), generate(pipe, [RED, BLUE], steps=2))

@@ -94,13 +94,14 @@ def _cmd_train(args: argparse.Namespace) -> None:
 def _cmd_sample(args: argparse.Namespace) -> None:
     """Generates videos for prompts from a workdir's checkpoints (EMA weights by default)."""
     from vdit import media
-    from vdit.sample import generate, load_pipeline, save_samples
+    from vdit.sample import config_from_workdir, generate, load_pipeline, sample_mesh, save_samples
 
     out = args.out or f"{args.workdir}/samples"
     if not args.overwrite:  # before sampling, which can take long
         files = media.output_names(media.sample_names(args.prompt, args.num))
         media.check_can_write(out, files, hint="pass --out DIR to write elsewhere or --overwrite to replace them")
-    pipe = load_pipeline(args.workdir, ema=not args.no_ema)
+    mesh = sample_mesh(config_from_workdir(args.workdir), args.mesh) if args.mesh else None
+    pipe = load_pipeline(args.workdir, ema=not args.no_ema, mesh=mesh)
     videos = generate(pipe, args.prompt, num_per_prompt=args.num, steps=args.steps, sampler=args.sampler,
                       cfg=args.cfg, seed=args.seed, negative_prompt=args.negative_prompt,
                       eta=args.eta)
@@ -230,6 +231,9 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--overwrite", action="store_true",
                         help="replace files of the same names in the output folder (default: refuse)")
     sample.add_argument("--no_ema", action="store_true", help="use the raw weights instead of their EMA")
+    sample.add_argument("--mesh", metavar="SPEC",
+                        help="devices to sample on: 'config' (the run's mesh over all devices, as in training) or "
+                             "axis sizes such as data=4,fsdp=2 (-1: the rest); default: one device")
     sample.set_defaults(func=_cmd_sample)
 
     prepare = sub.add_parser("prepare", help="build a dataset (moving_shapes or a folder of your videos)",

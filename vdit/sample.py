@@ -9,6 +9,7 @@ same videos alone or in any batch, and raising ``num_per_prompt`` only adds vide
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import pathlib
@@ -19,21 +20,28 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from jax.sharding import Mesh, NamedSharding
 
 from vdit import media
 from vdit.models import Models
 from vdit.samplers import check_options, classifier_free_guidance, sample
-from vdit.sharding import batch_divisor, batch_sharding, make_mesh, replicated
+from vdit.sharding import (MESH_AXES, activation_sharding, batch_divisor, batch_sharding, make_mesh, replicated,
+                           request_cpu_devices, rules_from_config)
 from vdit.vae import CausalVAE
 
 
 @dataclasses.dataclass
 class Pipeline:
-    """Everything ``generate`` needs: models, their parameters and the run's config."""
+    """Everything ``generate`` needs: models, their parameters and the run's config.
+
+    ``mesh``: where ``params`` live (``load_pipeline`` sets it); ``generate`` samples on it by
+    default. None: one device.
+    """
 
     models: Models
     params: dict  # {"vae": ..., "text": ..., "dit": ...}
     config: ml_collections.ConfigDict
+    mesh: Mesh | None = None
 
 
 def _is_int(value) -> bool:
@@ -113,7 +121,9 @@ def generate(
     Video ``j`` of a prompt starts from the noise of ``sample_key(seed, prompt, j)``; with
     ``sampler="ddim"`` and ``eta > 0`` (VP schedules) that key also draws its noise at each
     step, so stochastic sampling is as independent of the batch as the start. The batch is
-    split over the mesh's data axes (padded to a multiple of them).
+    split over the mesh's data axes (padded to a multiple of them); ``mesh`` defaults to the
+    pipeline's (``load_pipeline(..., mesh=)``), else one device. Parameters already laid out on
+    that mesh (FSDP shards, say) stay as they are; others are replicated onto it.
     """
     from vdit.text import as_prompt_list
 
@@ -139,7 +149,7 @@ def generate(
     check_options(sampler, pipe.models.schedule, steps, eta, keys[0])
     prompts = [p for p in prompts for _ in range(num_per_prompt)]
     n = len(prompts)
-    mesh = mesh or make_mesh({"data": 1}, jax.devices()[:1])
+    mesh = mesh or pipe.mesh or make_mesh({"data": 1}, jax.devices()[:1])
     padded = -(-n // batch_divisor(mesh)) * batch_divisor(mesh)
     ids, mask = pipe.models.text.tokenize(prompts + [""] * (padded - n))
     uncond_ids, uncond_mask = pipe.models.text.tokenize([negative_prompt])
@@ -147,14 +157,47 @@ def generate(
     noise = jax.vmap(lambda k: jax.random.normal(k, shape))(jnp.stack(keys))
 
     put = lambda x: jax.device_put(x, batch_sharding(mesh, np.ndim(x)))  # noqa: E731
-    params = jax.device_put(pipe.params, replicated(mesh))
-    video = _generate(
-        params, put(ids), put(mask), uncond_ids, uncond_mask, put(noise),
-        # The start noise is normal(key); DDIM's step noise is normal(fold_in(key, step)).
-        put(jnp.stack(keys)) if eta > 0 else None, jnp.float32(cfg),
-        models=pipe.models, sampler=sampler, steps=int(steps), guided=cfg != 1.0, eta=eta,
-    )
+    params = pipe.params if _lives_on(pipe.params, mesh) else jax.device_put(pipe.params, replicated(mesh))
+    # Activations are laid out by the run's rules, as in training (sequence over `context`, ...).
+    layout = (activation_sharding(mesh, rules_from_config(pipe.config.sharding_rules)) if mesh.size > 1
+              else contextlib.nullcontext())
+    with layout:
+        video = _generate(
+            params, put(ids), put(mask), uncond_ids, uncond_mask, put(noise),
+            # The start noise is normal(key); DDIM's step noise is normal(fold_in(key, step)).
+            put(jnp.stack(keys)) if eta > 0 else None, jnp.float32(cfg),
+            models=pipe.models, sampler=sampler, steps=int(steps), guided=cfg != 1.0, eta=eta,
+        )
     return media.to_uint8(np.asarray(jax.device_get(video))[:n])
+
+
+def _lives_on(tree: Any, mesh: Mesh) -> bool:
+    """Whether every leaf of ``tree`` is an array laid out on ``mesh``."""
+    leaves = jax.tree.leaves(tree)
+    return bool(leaves) and all(isinstance(x, jax.Array) and isinstance(x.sharding, NamedSharding)
+                                and x.sharding.mesh == mesh for x in leaves)
+
+
+def sample_mesh(config: ml_collections.ConfigDict, spec: str | None) -> Mesh:
+    """The mesh ``vdit sample --mesh SPEC`` samples on.
+
+    ``None``: one device. ``"config"``: the run's ``mesh`` over all devices, as in training
+    (with its ``cpu_devices`` on a CPU). ``"data=4,fsdp=2"``: those axes, the others 1, at
+    most one of them -1 (the remaining devices). Call it before JAX starts, for the CPU count.
+    """
+    if spec is None:
+        return make_mesh({"data": 1}, jax.devices()[:1])
+    if spec == "config":
+        request_cpu_devices(int(config.get("cpu_devices", 0)))
+        return make_mesh(dict(config.mesh))
+    shape = {}
+    for item in spec.split(","):
+        axis, eq, size = item.strip().partition("=")
+        if not eq or axis not in MESH_AXES or not size.strip().lstrip("-").isdigit():
+            raise ValueError(f"--mesh {spec}: expected 'config' or AXIS=SIZE pairs joined by commas, "
+                             f"AXIS one of {', '.join(MESH_AXES)} (e.g. data=4,fsdp=2; -1 for the rest)")
+        shape[axis] = int(size)
+    return make_mesh(shape)
 
 
 def save_samples(videos: np.ndarray, prompts: Sequence[str], out_dir: str | pathlib.Path, *, num_per_prompt: int = 1,
@@ -195,7 +238,11 @@ def config_from_workdir(workdir: str | pathlib.Path, phase: str = "dit") -> ml_c
 
 
 def load_pipeline(workdir: str | pathlib.Path, *, ema: bool = True, mesh=None) -> Pipeline:
-    """Models and trained parameters of a workdir (DiT and text encoder EMA weights by default)."""
+    """Models and trained parameters of a workdir (DiT and text encoder EMA weights by default).
+
+    ``mesh`` (default: one device) is where the parameters are laid out, by the run's sharding
+    rules (FSDP shards on an ``fsdp`` axis); ``generate`` then samples on it.
+    """
     from vdit.loop import load_params
     from vdit.models import build_models
     from vdit.sharding import rules_from_config
@@ -206,4 +253,4 @@ def load_pipeline(workdir: str | pathlib.Path, *, ema: bool = True, mesh=None) -
     rules = rules_from_config(config.sharding_rules)
     params = dict(load_params(workdir, "dit", config, models, mesh, rules, ema=ema))
     params["vae"] = load_params(workdir, "vae", config, models, mesh, rules)
-    return Pipeline(models, params, config)
+    return Pipeline(models, params, config, mesh)
