@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -109,6 +110,21 @@ def test_round_trip_bitwise_with_adamw_state_and_metadata(tmp_path, mesh):
     assert restored.params["dense"]["kernel"].sharding == state.params["dense"]["kernel"].sharding
 
 
+def test_skip_leaves_the_optimizer_and_the_other_weights_unread(tmp_path, mesh):
+    # Sampling wants one copy of the weights: the rest of the state stays on disk.
+    state = _state(mesh)
+    with Checkpointer(tmp_path) as ckpt:
+        ckpt.save(2, state)
+        ckpt.wait()
+        _, got, _ = ckpt.restore(_abstract(mesh, state), skip=("opt_state", "params"))
+        with pytest.raises(ValueError, match=r"skip=\['opt', 'params'\]: the state has no key opt; its keys: step, "
+                                             r"params, opt_state, ema, key"):
+            ckpt.restore(_abstract(mesh, state), skip=("params", "opt"))
+    _assert_equal(got.ema, state.ema)
+    assert got.ema["dense"]["kernel"].sharding == state.ema["dense"]["kernel"].sharding
+    assert all(x is ocp.PLACEHOLDER for x in jax.tree.leaves((got.params, got.opt_state)))
+
+
 def test_keep_k_and_existing_step_not_overwritten(tmp_path, mesh):
     state = _state(mesh)
     with Checkpointer(tmp_path, keep=2) as ckpt:
@@ -191,6 +207,8 @@ def test_dit_state_restores_into_the_other_layer_layout_on_another_mesh(tmp_path
         with pytest.raises(CheckpointMismatch):  # without relayout: another tree
             ckpt.restore(target)
         _, scanned, _ = ckpt.restore(target, relayout=relayout)
+        _, ema_only, _ = ckpt.restore(target, relayout=relayout, skip=("opt_state", "params"))
+    _assert_equal(ema_only.ema, scanned.ema)
     assert scanned.params["dit"]["blocks"]["block"]["mlp"]["fc1"]["linear"]["kernel"].shape == (3, 32, 64)
     for got, want in zip(jax.tree.leaves(scanned), jax.tree.leaves(target)):
         assert got.sharding == want.sharding and got.shape == want.shape

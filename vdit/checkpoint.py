@@ -36,7 +36,7 @@ import signal
 import sys
 import time
 import warnings
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Collection, Iterable, Sequence
 
 import grain
 import jax
@@ -214,7 +214,8 @@ class Checkpointer:
     # -- restore ------------------------------------------------------------------------
 
     def restore(self, abstract_state, *, step: int | None = None, data_iterator=None,
-                relayout: Callable[[Any, Any], Any] | None = None) -> tuple[int, Any, dict | None]:
+                relayout: Callable[[Any, Any], Any] | None = None,
+                skip: Collection[str] = ()) -> tuple[int, Any, dict | None]:
         """Restores a checkpoint onto the shardings in ``abstract_state``.
 
         Args:
@@ -227,6 +228,9 @@ class Checkpointer:
           relayout: ``(tree, like) -> tree`` in the layout of ``like``, for states saved in
             another layout of the same numbers (``vdit.dit.relayout``: scanned or unrolled
             blocks). The step is read in its own layout, then converted on the devices.
+          skip: top-level keys of the state (``"opt_state"``, ``"ema"``) not to read: their
+            leaves come back as ``orbax.checkpoint.PLACEHOLDER`` (``...``). Sampling reads
+            one copy of the weights instead of four (params, EMA, Adam's two moments).
 
         Returns:
           ``(step, state, metadata)``; ``metadata`` is None when none was saved.
@@ -245,9 +249,12 @@ class Checkpointer:
         if step is not None and int(step) not in steps:
             raise ValueError(f"no checkpoint at step {step} in {self.directory}; available steps: {steps}")
         target = serialization.to_state_dict(_abstract(abstract_state))
+        if unknown := set(skip) - set(target):
+            raise ValueError(f"skip={sorted(skip)}: the state has no key {', '.join(sorted(unknown))}; "
+                             f"its keys: {', '.join(target)}")
         failed: list[tuple[int, str]] = []
         for s in [int(step)] if step is not None else steps[::-1]:
-            result = self._attempt(s, target, data_iterator, relayout)
+            result = self._attempt(s, target, data_iterator, relayout, frozenset(skip))
             if isinstance(result, str):
                 self._unreadable.add(s)
                 failed.append((s, result))
@@ -263,7 +270,8 @@ class Checkpointer:
         raise CheckpointUnreadableError(f"all checkpoints in {self.directory} are unreadable (steps {steps}); "
                            f"latest error: {failed[0][1]}")
 
-    def _attempt(self, step: int, target, data_iterator, relayout=None) -> tuple[Any, dict | None] | str:
+    def _attempt(self, step: int, target, data_iterator, relayout=None,
+                 skip: frozenset[str] = frozenset()) -> tuple[Any, dict | None] | str:
         """Restores ``step``, or returns the one-line reason it is unreadable.
 
         With several processes, every process must reach the same verdict, or they would
@@ -276,6 +284,7 @@ class Checkpointer:
         wanted = target
         if relayout is not None and (saved := self._saved_tree(step)) is not None:
             target = relayout(target, saved)
+        target = {k: _placeholders(v) if k in skip else v for k, v in target.items()}
         args, problem = self._plan(step, target, data_iterator)
         if multi and not _everywhere(problem is None):
             return problem or "unreadable on another process"
@@ -283,7 +292,7 @@ class Checkpointer:
             return problem
         with _quiet_async_errors():
             try:
-                out = self._manager.restore(step, args=ocp.args.Composite(**args))
+                out = self._read(step, args)
                 result = out["state"], (out["meta"] if "meta" in args else None)
             except Exception as e:  # Orbax/TensorStore raise many types for bad files
                 result = _one_line(e)
@@ -302,12 +311,29 @@ class Checkpointer:
             raise result
         if multi and not _everywhere(not isinstance(result, str)):
             return result if isinstance(result, str) else "unreadable on another process"
-        if isinstance(result, tuple) and jax.tree.structure(target) != jax.tree.structure(wanted):
+        if isinstance(result, tuple) and jax.tree.structure(target) != jax.tree.structure(
+                {k: _placeholders(v) if k in skip else v for k, v in wanted.items()}):
             log.info("checkpoint %d holds the state in another layout; converting it", step)
-            shardings = jax.tree.map(lambda t: t.sharding, wanted)
-            convert = jax.jit(lambda tree: relayout(tree, wanted), out_shardings=shardings)
-            result = convert(result[0]), result[1]
+            read = {k: v for k, v in wanted.items() if k not in skip}
+            shardings = jax.tree.map(lambda t: t.sharding, read)
+            convert = jax.jit(lambda tree: relayout(tree, read), out_shardings=shardings)
+            converted = convert({k: v for k, v in result[0].items() if k not in skip})
+            result = {k: converted[k] if k in converted else _placeholders(v) for k, v in wanted.items()}, result[1]
         return result
+
+    def _read(self, step: int, args: dict) -> dict:
+        """Orbax's restore of ``args``' items. A state with leaves to skip is read by a PyTree handler
+        of its own: the manager keeps the Standard handler it met first for the item."""
+        if not isinstance(args["state"], ocp.args.PyTreeRestore):
+            return self._manager.restore(step, args=ocp.args.Composite(**args))
+        rest = {k: v for k, v in args.items() if k != "state"}
+        out = dict(self._manager.restore(step, args=ocp.args.Composite(**rest))) if rest else {}
+        handler = ocp.PyTreeCheckpointHandler()
+        try:
+            out["state"] = handler.restore(self.directory / str(step) / "state", args=args["state"])
+        finally:
+            handler.close()
+        return out
 
     def _saved_tree(self, step: int) -> dict | None:
         """The nested keys of step's saved state (leaves: Orbax array metadata), or None if unreadable."""
@@ -320,6 +346,11 @@ class Checkpointer:
         """Orbax restore args for ``step`` and the first problem cheap checks find (or None)."""
         step_dir = self.directory / str(step)
         args = {"state": ocp.args.StandardRestore(target)}
+        if any(x is ocp.PLACEHOLDER for x in jax.tree.leaves(target)):
+            # StandardRestore refuses placeholders; the PyTree handler under it skips them.
+            restore_args = jax.tree.map(lambda x: x if x is ocp.PLACEHOLDER else ocp.ArrayRestoreArgs(
+                sharding=x.sharding, global_shape=x.shape, dtype=x.dtype), target)
+            args["state"] = ocp.args.PyTreeRestore(target, restore_args=restore_args)
         if not (step_dir / _COMMIT_MARKER).exists():
             return args, f"{_COMMIT_MARKER} missing, the save never finished"
         if not (step_dir / "state").exists():
@@ -360,6 +391,11 @@ class Checkpointer:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _placeholders(tree):
+    """``tree`` with every leaf ``PLACEHOLDER``: Orbax leaves those unread."""
+    return jax.tree.map(lambda _: ocp.PLACEHOLDER, tree)
 
 
 def _abstract(tree):

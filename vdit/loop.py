@@ -119,8 +119,11 @@ def _restore_params(workdir, phase: str, config, models: Models, mesh, rules, *,
                                     f"{placeholder}")
         target = T.abstract_state(init, tx, mesh, rules, ema=keep_ema)
         with _explain_mismatch(pathlib.Path(workdir) / phase, config, phase):
-            step, state, _ = ckpt.restore(target, relayout=_RELAYOUT[phase])
-    return step, (state.ema if (ema and state.ema is not None) else state.params)
+            # One copy of the weights is read, not the optimizer's moments or the other copy.
+            use_ema = ema and keep_ema
+            step, state, _ = ckpt.restore(target, relayout=_RELAYOUT[phase],
+                                          skip=("opt_state", "params") if use_ema else ("opt_state", "ema"))
+    return step, (state.ema if use_ema else state.params)
 
 
 def _recorded_vae_step(workdir) -> int | None:
