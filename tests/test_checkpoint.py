@@ -22,7 +22,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jax.experimental import multihost_utils
 
-from vdit.checkpoint import CheckpointMismatch, Checkpointer, PreemptionGuard
+from vdit.checkpoint import CheckpointMismatch, Checkpointer
+from vdit.preemption import PreemptionGuard
 from vdit.sharding import make_mesh
 
 

@@ -28,12 +28,13 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from vdit import train as T
-from vdit.checkpoint import Checkpointer, CheckpointMismatch, DataMismatch, PreemptionGuard
+from vdit.checkpoint import Checkpointer, CheckpointMismatch, DataMismatch
 from vdit.checks import check_config, check_dataset, check_eval_split, check_models
 from vdit.data.pipeline import make_loader, open_dataset, to_global
 from vdit.dit import relayout
 from vdit.metrics import MetricsWriter
 from vdit.models import Models, build_models
+from vdit.preemption import PreemptionGuard
 from vdit.sharding import make_mesh, request_cpu_devices, rules_from_config
 
 log = logging.getLogger("vdit")
