@@ -229,13 +229,14 @@ def test_prepare_folder_conflict_names_the_flag(tmp_path, capsys, monkeypatch):
 # ----------------------------------------------------------------------------- distributed
 
 
+@pytest.mark.parametrize("command", [["train", "--config", "tiny"], ["sample", "--prompt", "a red circle"]])
 @pytest.mark.parametrize("extra, named", [
     (["--coordinator", "localhost:1234"], "--coordinator"),
     (["--num_processes", "2", "--process_id", "1"], "--num_processes, --process_id"),
 ])
-def test_distributed_flags_need_distributed(tmp_path, capsys, extra, named):
-    assert main(["train", "--config", "tiny", "--workdir", str(tmp_path / "w"), *extra]) == 2
-    assert _error(capsys) == (f"vdit train: error: {named} only apply to a multi-process run: "
+def test_distributed_flags_need_distributed(tmp_path, capsys, command, extra, named):
+    assert main([*command, "--workdir", str(tmp_path / "w"), *extra]) == 2
+    assert _error(capsys) == (f"vdit {command[0]}: error: {named} only apply to a multi-process run: "
                               "add --distributed, or leave them out")
     assert not (tmp_path / "w").exists()
 

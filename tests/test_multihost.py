@@ -1,9 +1,11 @@
-"""Two real processes (jax.distributed over gloo, 4 CPU devices each) train, checkpoint and resume.
+"""Two real processes (jax.distributed over gloo, 4 CPU devices each) train, checkpoint and resume,
+and sample together.
 
 The parameters must be identical on both processes and equal to a one-process run on 8
 devices: global batches do not depend on the process count (see vdit.data.pipeline).
 """
 
+import contextlib
 import os
 import pathlib
 import shutil
@@ -78,3 +80,47 @@ def test_two_processes_equal_one_process(data, vae_workdir, tmp_path):  # noqa: 
             assert np.abs(a).max() < 1e-5 and np.abs(c).max() < 1e-5, path
             continue
         np.testing.assert_allclose(a, c, atol=1e-6, err_msg=path)  # and equal to one process on 8 devices
+
+
+@pytest.mark.slow
+def test_two_processes_sample_the_one_process_videos(data, vae_workdir, tmp_path):  # noqa: F811
+    # `vdit sample --distributed` on two processes: the run's mesh over both (8 devices), one
+    # writer, and the videos of one process sampling on 8 devices.
+    import mediapy
+
+    from vdit.sample import config_from_workdir, generate, load_pipeline, sample_mesh, save_samples
+
+    workdir = tmp_path / "w"
+    shutil.copytree(vae_workdir / "vae", workdir / "vae")
+    train(tiny(data, "train.steps=2", "train.eval_every=0"), workdir, "dit", progress=False)
+    prompts = ["a red circle moving left", "a blue square moving up"]
+    mesh = sample_mesh(config_from_workdir(workdir), "config")
+    assert mesh.size == 8
+    want = tmp_path / "one"
+    save_samples(generate(load_pipeline(workdir, mesh=mesh), prompts, num_per_prompt=2, steps=3), prompts, want,
+                 num_per_prompt=2)
+
+    out = tmp_path / "two"
+    port = portpicker.pick_unused_port()
+    env = dict(os.environ, JAX_NUM_CPU_DEVICES="4", JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO), VDIT_HUGEPAGES="0")
+    argv = [sys.executable, "-m", "vdit", "sample", "--workdir", str(workdir), "--num", "2", "--steps", "3",
+            "--out", str(out), "--distributed", "--coordinator", f"localhost:{port}", "--num_processes", "2",
+            *[a for p in prompts for a in ("--prompt", p)]]
+    # Files, not pipes: a process blocked on a full pipe would stall the other in a collective.
+    logs = [(tmp_path / f"out{i}.txt", tmp_path / f"err{i}.txt") for i in range(2)]
+    with contextlib.ExitStack() as files:
+        procs = [subprocess.Popen([*argv, "--process_id", str(i)], env=env,
+                                  stdout=files.enter_context(open(o, "w")), stderr=files.enter_context(open(e, "w")))
+                 for i, (o, e) in enumerate(logs)]
+        for p in procs:
+            p.wait(timeout=600)
+    outs = [(o.read_text(), e.read_text()) for o, e in logs]
+    for p, (_, stderr) in zip(procs, outs):
+        assert p.returncode == 0, stderr[-3000:]
+    # process 0 writes, alone
+    said = [[line for line in stdout.splitlines() if not line.startswith("[Gloo]")] for stdout, _ in outs]
+    assert said == [[f"wrote 4 videos (mp4 + gif), {out}/grid.gif and {out}/contact_sheet.png"], []], outs
+    assert sorted(f.name for f in out.iterdir()) == sorted(f.name for f in want.iterdir())
+    # Every frame of every video, losslessly: equal up to the rounding of a reduction order.
+    sheets = [mediapy.read_image(d / "contact_sheet.png").astype(int) for d in (out, want)]
+    assert sheets[0].shape == sheets[1].shape and np.abs(sheets[0] - sheets[1]).max() <= 1

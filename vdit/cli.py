@@ -45,6 +45,14 @@ def _load(args: argparse.Namespace):
 _DISTRIBUTED_FLAGS = ("coordinator", "num_processes", "process_id")
 
 
+def _add_distributed_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--distributed", action="store_true",
+                        help="multi-process run: call jax.distributed.initialize() (auto-detects TPU pods/SLURM)")
+    parser.add_argument("--coordinator", help="host:port of process 0 (with --distributed, when not auto-detected)")
+    parser.add_argument("--num_processes", type=int, help="number of processes (with --coordinator)")
+    parser.add_argument("--process_id", type=int, help="this process's index (with --coordinator)")
+
+
 def _init_distributed(args: argparse.Namespace) -> None:
     """Joins a multi-process run (TPU pod, GPU cluster, or CPU processes on one machine)."""
     given = {k: getattr(args, k) for k in _DISTRIBUTED_FLAGS if getattr(args, k) is not None}
@@ -100,13 +108,20 @@ def _cmd_sample(args: argparse.Namespace) -> None:
     if not args.overwrite:  # before sampling, which can take long
         files = media.output_names(media.sample_names(args.prompt, args.num))
         media.check_can_write(out, files, hint="pass --out DIR to write elsewhere or --overwrite to replace them")
-    mesh = sample_mesh(config_from_workdir(args.workdir), args.mesh) if args.mesh else None
+    _init_distributed(args)
+    # Several processes sample together on one mesh over all their devices; one of them alone would
+    # sample (and write) everything again.
+    spec = args.mesh or ("config" if args.distributed else None)
+    mesh = sample_mesh(config_from_workdir(args.workdir), spec) if spec else None
     pipe = load_pipeline(args.workdir, ema=not args.no_ema, mesh=mesh)
     videos = generate(pipe, args.prompt, num_per_prompt=args.num, steps=args.steps, sampler=args.sampler,
                       cfg=args.cfg, seed=args.seed, negative_prompt=args.negative_prompt,
                       eta=args.eta)
-    paths = save_samples(videos, args.prompt, out, num_per_prompt=args.num, overwrite=args.overwrite)
-    print(f"wrote {len(paths['mp4'])} videos (mp4 + gif), {paths['grid']} and {paths['contact_sheet']}")
+    import jax
+
+    if jax.process_index() == 0:  # every process has all the videos; one writes them
+        paths = save_samples(videos, args.prompt, out, num_per_prompt=args.num, overwrite=args.overwrite)
+        print(f"wrote {len(paths['mp4'])} videos (mp4 + gif), {paths['grid']} and {paths['contact_sheet']}")
 
 
 def _cmd_prepare(args: argparse.Namespace) -> None:
@@ -207,11 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--workdir", required=True, help="run folder: checkpoints, metrics, samples")
     train.add_argument("--phase", choices=("all", "vae", "dit"), default="all", help="what to train (default: all)")
     train.add_argument("--no_progress", action="store_true", help="no progress bar")
-    train.add_argument("--distributed", action="store_true",
-                       help="multi-process run: call jax.distributed.initialize() (auto-detects TPU pods/SLURM)")
-    train.add_argument("--coordinator", help="host:port of process 0 (with --distributed, when not auto-detected)")
-    train.add_argument("--num_processes", type=int, help="number of processes (with --coordinator)")
-    train.add_argument("--process_id", type=int, help="this process's index (with --coordinator)")
+    _add_distributed_args(train)
     train.set_defaults(func=_cmd_train)
 
     sample = sub.add_parser("sample", help="generate videos from a trained workdir", description=_cmd_sample.__doc__)
@@ -233,7 +244,9 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--no_ema", action="store_true", help="use the raw weights instead of their EMA")
     sample.add_argument("--mesh", metavar="SPEC",
                         help="devices to sample on: 'config' (the run's mesh over all devices, as in training) or "
-                             "axis sizes such as data=4,fsdp=2 (-1: the rest); default: one device")
+                             "axis sizes such as data=4,fsdp=2 (-1: the rest); default: one device, or "
+                             "'config' with --distributed")
+    _add_distributed_args(sample)
     sample.set_defaults(func=_cmd_sample)
 
     prepare = sub.add_parser("prepare", help="build a dataset (moving_shapes or a folder of your videos)",

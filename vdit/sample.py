@@ -123,7 +123,9 @@ def generate(
     step, so stochastic sampling is as independent of the batch as the start. The batch is
     split over the mesh's data axes (padded to a multiple of them); ``mesh`` defaults to the
     pipeline's (``load_pipeline(..., mesh=)``), else one device. Parameters already laid out on
-    that mesh (FSDP shards, say) stay as they are; others are replicated onto it.
+    that mesh (FSDP shards, say) stay as they are; others are replicated onto it. On a mesh
+    over several processes (``jax.distributed``) every process calls this with the same
+    arguments and gets all the videos.
     """
     from vdit.text import as_prompt_list
 
@@ -149,7 +151,7 @@ def generate(
     check_options(sampler, pipe.models.schedule, steps, eta, keys[0])
     prompts = [p for p in prompts for _ in range(num_per_prompt)]
     n = len(prompts)
-    mesh = mesh or pipe.mesh or make_mesh({"data": 1}, jax.devices()[:1])
+    mesh = mesh or pipe.mesh or _one_device()
     padded = -(-n // batch_divisor(mesh)) * batch_divisor(mesh)
     ids, mask = pipe.models.text.tokenize(prompts + [""] * (padded - n))
     uncond_ids, uncond_mask = pipe.models.text.tokenize([negative_prompt])
@@ -168,7 +170,16 @@ def generate(
             put(jnp.stack(keys)) if eta > 0 else None, jnp.float32(cfg),
             models=pipe.models, sampler=sampler, steps=int(steps), guided=cfg != 1.0, eta=eta,
         )
+    if not video.is_fully_addressable:  # a mesh over several processes: every process gets every video
+        from jax.experimental import multihost_utils
+
+        video = multihost_utils.process_allgather(video, tiled=True)
     return media.to_uint8(np.asarray(jax.device_get(video))[:n])
+
+
+def _one_device() -> Mesh:
+    # This process's first device: in a multi-process run jax.devices()[0] may belong to another.
+    return make_mesh({"data": 1}, jax.local_devices()[:1])
 
 
 def _lives_on(tree: Any, mesh: Mesh) -> bool:
@@ -181,12 +192,12 @@ def _lives_on(tree: Any, mesh: Mesh) -> bool:
 def sample_mesh(config: ml_collections.ConfigDict, spec: str | None) -> Mesh:
     """The mesh ``vdit sample --mesh SPEC`` samples on.
 
-    ``None``: one device. ``"config"``: the run's ``mesh`` over all devices, as in training
+    ``None``: one device of this process. ``"config"``: the run's ``mesh`` over all devices, as in training
     (with its ``cpu_devices`` on a CPU). ``"data=4,fsdp=2"``: those axes, the others 1, at
     most one of them -1 (the remaining devices). Call it before JAX starts, for the CPU count.
     """
     if spec is None:
-        return make_mesh({"data": 1}, jax.devices()[:1])
+        return _one_device()
     if spec == "config":
         request_cpu_devices(int(config.get("cpu_devices", 0)))
         return make_mesh(dict(config.mesh))
@@ -249,7 +260,7 @@ def load_pipeline(workdir: str | pathlib.Path, *, ema: bool = True, mesh=None) -
 
     config = config_from_workdir(workdir)
     models = build_models(config)
-    mesh = mesh or make_mesh({"data": 1}, jax.devices()[:1])
+    mesh = mesh or _one_device()
     rules = rules_from_config(config.sharding_rules)
     params = dict(load_params(workdir, "dit", config, models, mesh, rules, ema=ema))
     params["vae"] = load_params(workdir, "vae", config, models, mesh, rules)
