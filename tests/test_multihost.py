@@ -49,7 +49,7 @@ WORKER = textwrap.dedent("""
 
 
 @pytest.mark.slow
-def test_two_processes_equal_one_process(data, vae_workdir, tmp_path):  # noqa: F811
+def test_two_processes_train_and_sample_like_one_process(data, vae_workdir, tmp_path):  # noqa: F811
     root, name = data
     reference = tmp_path / "single"
     shutil.copytree(vae_workdir / "vae", reference / "vae")
@@ -81,18 +81,18 @@ def test_two_processes_equal_one_process(data, vae_workdir, tmp_path):  # noqa: 
             continue
         np.testing.assert_allclose(a, c, atol=1e-6, err_msg=path)  # and equal to one process on 8 devices
 
+    # Sampling from the trained run, here rather than in a test of its own: the fixtures and
+    # the training cost more than the sampling.
+    _two_processes_sample_the_one_process_videos(reference, tmp_path)
 
-@pytest.mark.slow
-def test_two_processes_sample_the_one_process_videos(data, vae_workdir, tmp_path):  # noqa: F811
+
+def _two_processes_sample_the_one_process_videos(workdir, tmp_path):
     # `vdit sample --distributed` on two processes: the run's mesh over both (8 devices), one
     # writer, and the videos of one process sampling on 8 devices.
     import mediapy
 
     from vdit.sample import config_from_workdir, generate, load_pipeline, sample_mesh, save_samples
 
-    workdir = tmp_path / "w"
-    shutil.copytree(vae_workdir / "vae", workdir / "vae")
-    train(tiny(data, "train.steps=2", "train.eval_every=0"), workdir, "dit", progress=False)
     prompts = ["a red circle moving left", "a blue square moving up"]
     mesh = sample_mesh(config_from_workdir(workdir), "config")
     assert mesh.size == 8

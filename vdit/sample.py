@@ -192,9 +192,10 @@ def _lives_on(tree: Any, mesh: Mesh) -> bool:
 def sample_mesh(config: ml_collections.ConfigDict, spec: str | None) -> Mesh:
     """The mesh ``vdit sample --mesh SPEC`` samples on.
 
-    ``None``: one device of this process. ``"config"``: the run's ``mesh`` over all devices, as in training
-    (with its ``cpu_devices`` on a CPU). ``"data=4,fsdp=2"``: those axes, the others 1, at
-    most one of them -1 (the remaining devices). Call it before JAX starts, for the CPU count.
+    ``None``: one device of this process. ``"config"``: the run's ``mesh`` over all devices
+    (of all processes), as in training (with its ``cpu_devices`` on a CPU). ``"data=4,fsdp=2"``:
+    those axes, the others 1, at most one of them -1 (the remaining devices). Call it before
+    JAX starts, for the CPU count.
     """
     if spec is None:
         return _one_device()
