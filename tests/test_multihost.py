@@ -112,8 +112,14 @@ def _two_processes_sample_the_one_process_videos(workdir, tmp_path):
         procs = [subprocess.Popen([*argv, "--process_id", str(i)], env=env,
                                   stdout=files.enter_context(open(o, "w")), stderr=files.enter_context(open(e, "w")))
                  for i, (o, e) in enumerate(logs)]
-        for p in procs:
-            p.wait(timeout=600)
+        try:
+            for p in procs:
+                p.wait(timeout=600)
+        finally:  # a hung process must not outlive the test
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
     outs = [(o.read_text(), e.read_text()) for o, e in logs]
     for p, (_, stderr) in zip(procs, outs):
         assert p.returncode == 0, stderr[-3000:]
