@@ -272,6 +272,47 @@ def test_vae_trains_on_random_crops(data, tmp_path):
     assert not (tmp_path / "bad" / "vae").exists() or not any((tmp_path / "bad" / "vae").iterdir())
 
 
+def test_vae_trains_on_short_clips_first_and_resumes_exactly(data, tmp_path):
+    # Steps 1-2 on 1-frame windows (images), 3-4 on the data's 5 frames. A run stopped inside
+    # the short steps, and again at the switch, ends where an uninterrupted one does.
+    short = ("vae_train.short_frames=1", "vae_train.short_steps=2", "vae_train.log_every=1",
+             "vae_train.checkpoint_every=100")
+    config = tiny(data, *short)
+    straight, resumed, plain = tmp_path / "straight", tmp_path / "resumed", tmp_path / "plain"
+    assert train(config, straight, "vae", progress=False)["step"] == 4
+    assert train(config, resumed, "vae", stop_after=1, progress=False)["status"] == "stopped"
+    assert train(config, resumed, "vae", stop_after=1, progress=False)["step"] == 2
+    assert train(config, resumed, "vae", progress=False)["step"] == 4
+    assert train(tiny(data, *short[2:]), plain, "vae", progress=False)["step"] == 4
+
+    def losses(workdir):
+        return [(r["step"], r["loss"]) for r in read_metrics(workdir / "vae") if "loss" in r]
+
+    assert losses(resumed) == losses(straight) and len(losses(straight)) == 4  # bit-identical, every step
+    for x, y in zip(jax.tree.leaves(_final_params(resumed, "vae")), jax.tree.leaves(_final_params(straight, "vae")),
+                    strict=True):
+        np.testing.assert_array_equal(x, y)
+    assert losses(plain)[0] != losses(straight)[0]  # the first steps saw other clips
+    # One compilation per clip length, each logged (compile_s is the running total).
+    compiles = [r["compile_s"] for r in read_metrics(straight / "vae") if "compile_s" in r]
+    assert [r["step"] for r in read_metrics(straight / "vae") if "compile_s" in r] == [1, 3]
+    assert 0 < compiles[0] < compiles[1]
+
+
+@pytest.mark.parametrize("settings, message", [
+    (("vae_train.short_steps=2",), r"vae_train.short_steps=2 needs vae_train.short_frames, the length of those first "
+                                   r"clips \(1 \+ 4k frames, fewer than the 5 trained on after\)"),
+    (("vae_train.short_steps=2", "vae_train.short_frames=5"),
+     r"vae_train.short_frames=5: expected fewer than the 5 frames the VAE trains on after its first 2 steps"),
+    (("vae_train.short_steps=2", "vae_train.short_frames=3"), r"vae_train.short_frames=3: expected 1 \+ 4k frames"),
+    (("vae_train.short_steps=-1",), r"vae_train.short_steps=-1: expected an integer >= 0"),
+])
+def test_bad_short_clip_settings_fail_in_one_line(data, tmp_path, settings, message):
+    with pytest.raises(ValueError, match=message):
+        train(tiny(data, *settings), tmp_path / "w", "vae", progress=False)
+    assert not (tmp_path / "w").exists()
+
+
 @pytest.mark.parametrize("phase, setting, message", [
     ("dit", "train.steps=0", r"train.steps=0: expected an integer >= 1 \(the step to train to\)"),
     ("vae", "vae_train.steps=-5", r"vae_train.steps=-5: expected an integer >= 1"),

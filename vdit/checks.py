@@ -34,11 +34,13 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         if cfg.on_nonfinite not in ("abort", "skip"):
             raise ValueError(f"{section}.on_nonfinite={cfg.on_nonfinite!r}: expected 'abort' or 'skip'")
     for key, value, unset in (("data.frames", config.data.frames, False),
-                              ("vae_train.frames", config.vae_train.get("frames", 0), True)):
+                              ("vae_train.frames", config.vae_train.get("frames", 0), True),
+                              ("vae_train.short_frames", config.vae_train.get("short_frames", 0), True)):
         is_int = isinstance(value, (int, np.integer)) and not isinstance(value, bool)
         if not (is_int and ((unset and value == 0) or (value >= 1 and (value - 1) % 4 == 0))):
             raise ValueError(f"{key}={value!r}: expected 1 + 4k frames (1, 5, 9, 13, 17, ...)"
                              f"{', or 0 for data.frames' if unset else ''}")
+    _check_short_clips(config.vae_train, config.data.frames)
     res = config.data.resolution
     try:
         as_hw(res)
@@ -106,6 +108,22 @@ def check_eval_split(config: ml_collections.ConfigDict, global_batch: int) -> No
         raise ValueError(f"train.eval_every={config.train.eval_every} evaluates on one batch of {global_batch} "
                          f"validation clips, but {split.name} has {len(split)}: set train.eval_every=0, or prepare "
                          f"at least {global_batch} validation clips")
+
+
+def _check_short_clips(vae_train: ml_collections.ConfigDict, data_frames: int) -> None:
+    short_steps, short_frames = vae_train.get("short_steps", 0), vae_train.get("short_frames", 0)
+    if isinstance(short_steps, bool) or not isinstance(short_steps, (int, np.integer)) or short_steps < 0:
+        raise ValueError(f"vae_train.short_steps={short_steps!r}: expected an integer >= 0 (steps on "
+                         f"vae_train.short_frames-frame clips first; 0 turns them off)")
+    if not short_steps:
+        return
+    frames = vae_train.get("frames") or data_frames
+    if not short_frames:
+        raise ValueError(f"vae_train.short_steps={short_steps} needs vae_train.short_frames, the length of those "
+                         f"first clips (1 + 4k frames, fewer than the {frames} trained on after)")
+    if short_frames >= frames:
+        raise ValueError(f"vae_train.short_frames={short_frames}: expected fewer than the {frames} frames the VAE "
+                         f"trains on after its first {short_steps} steps")
 
 
 def check_dataset(config: ml_collections.ConfigDict, dataset, phase: str) -> None:

@@ -82,8 +82,8 @@ def labelled_grid(videos: np.ndarray, labels: list[str], columns: int, scale: in
 def quick_overrides() -> list[str]:
     """``--quick``: the same pipeline at minutes scale (CI runs it end to end)."""
     return ["data.frames=5", "data.resolution=16", "data.batch_size=16", "vae_train.steps=30",
-            "vae_train.checkpoint_every=30", "train.steps=30", "train.checkpoint_every=30", "train.eval_every=0",
-            "sample.steps=4"]
+            "vae_train.short_steps=0", "vae_train.checkpoint_every=30", "train.steps=30", "train.checkpoint_every=30",
+            "train.eval_every=0", "sample.steps=4"]
 
 
 def _other_run(workdir: pathlib.Path, phase: str, quick: bool) -> str:

@@ -71,6 +71,14 @@ class Run:
     batch_keys: tuple[str, ...]
     eval_frozen: Any  # what evaluation on raw validation clips needs (the VAE, also with cached latents)
     vae_step: int | None = None  # DiT phase: the VAE checkpoint step its latents come from
+    loader_args: dict = dataclasses.field(default_factory=dict)  # make_loader's, for serve_frames
+
+    def serve_frames(self, frames: int) -> None:
+        """Serves clips of ``frames`` frames from here on, continuing the same batch order."""
+        loader = make_loader(**{**self.loader_args, "frames": frames})
+        iterator = iter(loader)
+        iterator.set_state(self.iterator.get_state())
+        self.loader, self.iterator = loader, iterator
 
 
 def phase_sections(config: ml_collections.ConfigDict, phase: str):
@@ -228,12 +236,13 @@ def build_run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, ph
     if batch_keys[0] == "latents":
         frozen = None
     frozen_shardings = None if frozen is None else jax.tree.map(lambda a: a.sharding, frozen)
-    loader = make_loader(
-        dataset, batch_size=global_batch // jax.process_count(), seed=config.data.shuffle_seed,
+    loader_args = dict(
+        dataset=dataset, batch_size=global_batch // jax.process_count(), seed=config.data.shuffle_seed,
         frames=frames, crop=crop, crop_multiple=models.vae.spatial_factor,
         tokenizer=models.text.tokenizer, max_text_length=models.text.max_length,
         worker_count=config.data.worker_count,
     )
+    loader = make_loader(**loader_args)
     iterator = iter(loader)
     step = T.make_train_step(loss_fn, tx, lr_fn, ema_decay=train_cfg.get("ema_decay", 0.0),
                              grad_accum=optim.grad_accum)
@@ -241,7 +250,7 @@ def build_run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, ph
     step_fn = T.jit_train_step(step, mesh, rules, shardings, batch_spec, frozen_shardings,
                                compiler_options=T.xla_options(mesh, train_cfg.get("xla_cpu_options")))
     return Run(config, phase, models, mesh, rules, state, shardings, step_fn, frozen, loader, iterator, loss_fn,
-               global_batch, batch_keys, eval_frozen, vae_step)
+               global_batch, batch_keys, eval_frozen, vae_step, loader_args)
 
 
 def _phase_step(workdir, phase: str) -> int | None:
@@ -390,25 +399,37 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, phase:
                     "--workdir%s",
                     start, workdir / "dit", trained, kept)
 
+    # The VAE's first short_steps steps train on short clips (vae_train.short_frames): a resume
+    # inside them serves short clips again, from where the saved batch order stands.
+    short_steps = int(train_cfg.get("short_steps", 0)) if phase == "vae" else 0
+    full_frames = run.loader_args.get("frames")
+    if start < short_steps:
+        run.serve_frames(int(train_cfg.short_frames))
+
     writer = MetricsWriter(phase_dir)
     flops = _flops_per_step(run, config) if phase == "dit" else None
     pending: list[tuple[int, dict]] = []
     last_saved = ckpt.latest_step()
-    bar = tqdm(total=total, initial=start, desc=f"train {phase}", disable=not progress or jax.process_index() != 0,
+    # Named by its clips while they are short: its rate falls, and its ETA grows, when they lengthen.
+    desc = f"train {phase}" + (f" ({train_cfg.short_frames}-frame clips)" if start < short_steps else "")
+    bar = tqdm(total=total, initial=start, desc=desc, disable=not progress or jax.process_index() != 0,
                dynamic_ncols=True)
     t_last, steps_since = time.perf_counter(), 0
     status = "done"
-    compile_logged = False
+    compile_logged = None
     with PreemptionGuard() as guard:
         step = start
         while step < total:
+            if step == short_steps and start < short_steps:
+                run.serve_frames(full_frames)  # and the step compiles for the longer clips
+                bar.set_description(f"train {phase}")
             batch = to_global(next(run.iterator), run.mesh, normalize=False)
             batch = {k: batch[k] for k in run.batch_keys}
             run.state, metrics = run.step_fn(run.state, batch, run.frozen)
             step += 1
             steps_since += 1
             pending.append((step, metrics))
-            if step == start + 1:  # the clock restarts after compilation and the first step
+            if step in (start + 1, short_steps + 1):  # the clock restarts after a compilation and its step
                 jax.block_until_ready(metrics)
                 t_last, steps_since = time.perf_counter(), 0
             bar.update(1)
@@ -430,9 +451,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, phase:
                     mean.update(steps_per_s=steps_since / dt, examples_per_s=steps_since * run.global_batch / dt)
                     if flops:
                         mean["model_tflops_per_s"] = flops * steps_since / dt / 1e12
-                if run.step_fn.compile_seconds is not None and not compile_logged:
-                    mean["compile_s"] = run.step_fn.compile_seconds
-                    compile_logged = True
+                if run.step_fn.compile_seconds != compile_logged:  # total so far, logged after each compile
+                    mean["compile_s"] = compile_logged = run.step_fn.compile_seconds
                 if boundary:
                     writer.write(step, mean)
                     bar.set_postfix(loss=f"{mean['loss']:.4f}")

@@ -244,11 +244,13 @@ def compile_with_options(lowered, options: dict[str, Any] | None):
 
 def jit_train_step(step_fn, mesh, rules, state_shardings, batch_spec: dict, frozen_shardings=None,
                    compiler_options: dict[str, Any] | None = None):
-    """jits a train step once with explicit in/out shardings and the state donated.
+    """jits a train step with explicit in/out shardings and the state donated.
 
     ``batch_spec`` maps batch keys to their ranks; every batch array is split over
-    ``data x fsdp`` on its leading axis. The returned callable traces (once) and runs
-    inside ``activation_sharding`` so the models' activation constraints apply.
+    ``data x fsdp`` on its leading axis. The returned callable compiles once per batch
+    shape (a VAE that trains on short clips first has two) and runs inside
+    ``activation_sharding`` so the models' activation constraints apply; its
+    ``compile_seconds`` is the time spent compiling so far (``None`` before the first call).
     ``compiler_options`` go to XLA with the compile (see ``xla_options``).
     """
     batch_shardings = {k: batch_sharding(mesh, ndim) for k, ndim in batch_spec.items()}
@@ -262,12 +264,13 @@ def jit_train_step(step_fn, mesh, rules, state_shardings, batch_spec: dict, froz
     compiled = {}
 
     def run(state, batch, frozen=None):
+        shapes = tuple((k, v.shape) for k, v in sorted(batch.items()))
         with activation_sharding(mesh, rules):
-            if "step" not in compiled:  # compile ahead of the first call, and time it
+            if shapes not in compiled:  # compile ahead of the first call of this shape, and time it
                 start = time.perf_counter()
-                compiled["step"] = compile_with_options(jitted.lower(state, batch, frozen), compiler_options)
-                run.compile_seconds = time.perf_counter() - start
-            return compiled["step"](state, batch, frozen)
+                compiled[shapes] = compile_with_options(jitted.lower(state, batch, frozen), compiler_options)
+                run.compile_seconds = (run.compile_seconds or 0.0) + time.perf_counter() - start
+            return compiled[shapes](state, batch, frozen)
 
     run.compile_seconds = None
     run.jitted = jitted
