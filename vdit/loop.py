@@ -19,7 +19,7 @@ import logging
 import pathlib
 import shlex
 import time
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -28,11 +28,12 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from vdit import train as T
-from vdit.checkpoint import Checkpointer, CheckpointMismatch, DataMismatch
+from vdit.checkpoint import Checkpointer
 from vdit.checks import check_config, check_dataset, check_eval_split, check_models
 from vdit.data.pipeline import make_loader, open_dataset, to_global
 from vdit.dit import relayout
 from vdit.metrics import MetricsWriter
+from vdit.mismatch import config_json, explain_mismatch
 from vdit.models import Models, build_models
 from vdit.preemption import PreemptionGuard
 from vdit.sharding import make_mesh, request_cpu_devices, rules_from_config
@@ -127,7 +128,7 @@ def _restore_params(workdir, phase: str, config, models: Models, mesh, rules, *,
             raise FileNotFoundError(f"no {phase} checkpoint in {directory}; train it first with `{command}`"
                                     f"{placeholder}")
         target = T.abstract_state(init, tx, mesh, rules, ema=keep_ema)
-        with _explain_mismatch(pathlib.Path(workdir) / phase, config, phase):
+        with explain_mismatch(pathlib.Path(workdir) / phase, config, phase):
             # One copy of the weights is read, not the optimizer's moments or the other copy.
             use_ema = ema and keep_ema
             step, state, _ = ckpt.restore(target, relayout=_RELAYOUT[phase],
@@ -301,58 +302,8 @@ def with_latent_stats(config: ml_collections.ConfigDict, workdir: str | pathlib.
 
 
 _TRAIN_SECTION = {"vae": "vae_train", "dit": "train"}
-# The config sections whose settings shape a phase's checkpoint (the DiT phase trains the text encoder too).
-_MODEL_SECTIONS = {"vae": ("vae",), "dit": ("dit", "text")}
 # A DiT checkpoint restores into either layer layout (scanned or unrolled blocks).
 _RELAYOUT = {"vae": None, "dit": relayout}
-# Settings a checkpoint does not depend on: left out of a mismatch's list of differences.
-_NOT_IN_CHECKPOINT = {"dit": {"remat", "scan_layers", "attention_impl"}}
-# Settings the saved data position depends on (the order of batches): a DataMismatch lists these.
-_DATA_ORDER = {"data": {"name", "data_dir", "batch_size", "shuffle_seed"}, "vae_train": {"batch_size"}}
-# Training settings that shape the saved optimizer state (micro-batch accumulators, the
-# skip-non-finite wrapper, the EMA copy): a model mismatch lists these too.
-_STATE_KEYS = {"vae": {"vae_optim": {"grad_accum"}, "vae_train": {"on_nonfinite"}},
-               "dit": {"optim": {"grad_accum"}, "train": {"on_nonfinite", "ema_decay"}}}
-
-
-def _compared_settings(phase: str, *, data: bool) -> dict[str, Callable[[str], bool]]:
-    """Per config section, which of its keys a mismatch of the model/state (or of the data order) lists."""
-    if data:
-        return {s: _DATA_ORDER[s].__contains__ for s in (("data", "vae_train") if phase == "vae" else ("data",))}
-    model = {s: (lambda k, s=s: k not in _NOT_IN_CHECKPOINT.get(s, ())) for s in _MODEL_SECTIONS[phase]}
-    return model | {s: keys.__contains__ for s, keys in _STATE_KEYS[phase].items()}
-
-
-@contextlib.contextmanager
-def _explain_mismatch(phase_dir: pathlib.Path, config: ml_collections.ConfigDict, phase: str):
-    """Adds to a ``CheckpointMismatch`` the model settings that differ from the run that saved it
-    (its ``config.json``), and what to do, in one line."""
-    try:
-        yield
-    except CheckpointMismatch as e:
-        changed = []
-        try:
-            saved = json.loads((phase_dir / "config.json").read_text())
-        except (OSError, ValueError):
-            saved = None
-        now = _config_json(config)
-        what = "data" if isinstance(e, DataMismatch) else "model"
-        compared = _compared_settings(phase, data=what == "data")
-        for section, counts in compared.items() if saved else ():
-            old, new = saved.get(section, {}), now.get(section, {})
-            changed += [f"{section}.{k} {json.dumps(old.get(k))} there, {json.dumps(new.get(k))} here"
-                        for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k) and counts(k)]
-        hint = (f"{what} settings that differ from the run that saved it: {'; '.join(changed[:6])}"
-                f"{' and more' if len(changed) > 6 else ''}"
-                if changed else f"no {'/'.join(compared)} setting differs from its config.json")
-        raise CheckpointMismatch(f"{e}: {hint}. Resume with the settings it was trained with, or train into "
-                                 f"a new --workdir") from None
-
-
-def _config_json(config: ml_collections.ConfigDict) -> dict:
-    return json.loads(config.to_json_best_effort())
-
-
 def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, phase: str = "dit", *,
           mesh=None, devices=None, stop_after: int | None = None, progress: bool = True) -> dict:
     """Trains a phase to ``train.steps`` (resuming from the latest checkpoint); returns a summary.
@@ -375,7 +326,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, phase:
     start = 0
     if ckpt.latest_step() is not None:
         target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), run.state, run.shardings)
-        with _explain_mismatch(phase_dir, config, phase):
+        with explain_mismatch(phase_dir, config, phase):
             start, run.state, _ = ckpt.restore(target, data_iterator=run.iterator, relayout=_RELAYOUT[phase])
         log.info("resumed %s from step %d", phase, start)
         if start > total:
@@ -383,7 +334,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, phase:
                         phase_dir / "checkpoints", start, _TRAIN_SECTION[phase], total, _TRAIN_SECTION[phase], start)
     elif jax.process_index() == 0:
         phase_dir.mkdir(parents=True, exist_ok=True)
-        (phase_dir / "config.json").write_text(json.dumps(_config_json(config), indent=2))
+        (phase_dir / "config.json").write_text(json.dumps(config_json(config), indent=2))
         if phase == "dit":
             tmp = phase_dir / (VAE_RECORD + ".partial")
             tmp.write_text(json.dumps({"vae_step": run.vae_step}))
@@ -464,7 +415,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, phase:
                 t_last = time.perf_counter()  # evaluation time is not training throughput
             if save:
                 ckpt.save(step, run.state, data_state=run.iterator,
-                          metadata={"config": _config_json(config), "step": step, "phase": phase})
+                          metadata={"config": config_json(config), "step": step, "phase": phase})
                 last_saved = step
             if stop:
                 status = "preempted" if guard.requested else "stopped"
