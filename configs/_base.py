@@ -80,7 +80,8 @@ def base_config() -> ml_collections.ConfigDict:
     # to "" for XLA's own kernels throughout.
     cpu_convs_off_ynnpack = dict(xla_cpu_experimental_ynn_fusion_type="LIBRARY_FUSION_TYPE_REDUCE")
     c.vae_train = ml_collections.ConfigDict(dict(
-        steps=1000, batch_size=0, frames=0, crop=0, short_frames=0, short_steps=0, kl_weight=1e-6, recon="l1", sample_posterior=True, log_every=50,
+        steps=1000, batch_size=0, frames=0, crop=0, short_frames=0, short_steps=0, kl_weight=1e-6, recon="l1",
+        sample_posterior=True, log_every=50,
         checkpoint_every=500, keep_checkpoints=3, on_nonfinite="abort",
         xla_cpu_options=ml_collections.ConfigDict(cpu_convs_off_ynnpack),
     ))
