@@ -297,6 +297,9 @@ def test_vae_trains_on_short_clips_first_and_resumes_exactly(data, tmp_path):
     compiles = [r["compile_s"] for r in read_metrics(straight / "vae") if "compile_s" in r]
     assert [r["step"] for r in read_metrics(straight / "vae") if "compile_s" in r] == [1, 3]
     assert 0 < compiles[0] < compiles[1]
+    # And each compile logs its executable's temp memory per device: more for the longer clips.
+    temps = [r["step_temp_mib"] for r in read_metrics(straight / "vae") if "compile_s" in r]
+    assert 0 < temps[0] < temps[1]
 
 
 @pytest.mark.parametrize("settings, message", [

@@ -7,7 +7,8 @@ import pytest
 
 from vdit.dit import DiT
 from vdit.sharding import (
-    DEFAULT_RULES, batch_sharding, logical_to_sharding, make_mesh, resolve_mesh_shape, rules_from_config,
+    DEFAULT_RULES, batch_sharding, collective_bytes, logical_to_sharding, make_mesh, resolve_mesh_shape,
+    rules_from_config,
 )
 
 
@@ -44,3 +45,15 @@ def test_fsdp_and_tensor_rules_split_dit_weights():
     fc1 = params["blocks_0"]["mlp"]["fc1"]["linear"]["kernel"]  # (embed=64, mlp=128) over (fsdp=4, tensor=2)
     assert {s.data.shape for s in fc1.addressable_shards} == {(16, 64)}
     assert batch_sharding(mesh, 5).spec[0] == ("data", "fsdp")
+
+
+def test_collective_bytes_reads_per_device_results():
+    hlo = "\n".join([
+        "  %ag = f32[8,16]{1,0} all-gather(f32[2,16]{1,0} %p), dimensions={0}",
+        "  %ar = (f32[4]{0}, bf16[2,3]{1,0}) all-reduce(%a, %b), to_apply=%add",
+        "  %ags = (f32[2,16]{1,0}, f32[8,16]{1,0}) all-gather-start(f32[2,16]{1,0} %q), dimensions={0}",
+        "  %agd = f32[8,16]{1,0} all-gather-done(%ags)",
+        "  %dot = f32[8,8]{1,0} dot(%x, %y)",
+    ])
+    assert collective_bytes(hlo) == {"all-gather": 2 * 8 * 16 * 4, "all-reduce": 4 * 4 + 6 * 2}
+    assert collective_bytes("") == {}

@@ -404,6 +404,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, phase:
                         mean["model_tflops_per_s"] = flops * steps_since / dt / 1e12
                 if run.step_fn.compile_seconds != compile_logged:  # total so far, logged after each compile
                     mean["compile_s"] = compile_logged = run.step_fn.compile_seconds
+                    mean.update({f"step_{k}": v for k, v in run.step_fn.compiled_stats.items()})
                 if boundary:
                     writer.write(step, mean)
                     bar.set_postfix(loss=f"{mean['loss']:.4f}")

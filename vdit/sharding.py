@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import re
 import warnings
 from typing import Any, Mapping, Sequence
 
@@ -188,3 +189,29 @@ def activation_sharding(mesh: Mesh, rules: Sequence[tuple[str, Any]]):
     set_mesh = getattr(jax, "set_mesh", None) or jax.sharding.use_mesh
     with set_mesh(mesh), nn.logical_axis_rules(list(rules)):
         yield
+
+
+_COLLECTIVE = re.compile(r"= (.*?) (all-gather|all-reduce|reduce-scatter|all-to-all|collective-permute)(-start)?\(")
+_ARRAY = re.compile(r"\b([a-z]+[0-9]*)\[([0-9,]*)\]")
+_ITEMSIZE = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4, "f32": 4,
+             "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16}
+
+
+def collective_bytes(hlo_text: str) -> dict[str, int]:
+    """Bytes each kind of collective writes per device in one run of a compiled module.
+
+    ``hlo_text`` is ``compiled.as_text()`` of a partitioned (jitted, sharded) function; its
+    shapes are per device. An ``all-gather`` counts the gathered result, an ``all-reduce``
+    its reduced operand. Kinds that do not occur are absent.
+    """
+    out: dict[str, int] = {}
+    for line in hlo_text.splitlines():
+        m = _COLLECTIVE.search(line)
+        if m is None:
+            continue
+        arrays = _ARRAY.findall(m.group(1))
+        if m.group(3) and m.group(2) in ("all-gather", "collective-permute"):
+            arrays = arrays[-1:]  # an async start returns (operand, result): count the result
+        n = sum(math.prod(int(d) for d in dims.split(",") if d) * _ITEMSIZE.get(dtype, 4) for dtype, dims in arrays)
+        out[m.group(2)] = out.get(m.group(2), 0) + n
+    return out

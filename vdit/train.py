@@ -23,7 +23,9 @@ import optax
 from vdit import schedule as sched
 from vdit.dit import layers_stacked
 from vdit.models import Models
-from vdit.sharding import activation_sharding, batch_sharding, logical_to_sharding, replicated, unbox
+from vdit.sharding import (
+    activation_sharding, batch_sharding, collective_bytes, logical_to_sharding, replicated, unbox,
+)
 from vdit.vae import CausalVAE
 
 
@@ -250,8 +252,11 @@ def jit_train_step(step_fn, mesh, rules, state_shardings, batch_spec: dict, froz
     ``data x fsdp`` on its leading axis. The returned callable compiles once per batch
     shape (a VAE that trains on short clips first has two) and runs inside
     ``activation_sharding`` so the models' activation constraints apply; its
-    ``compile_seconds`` is the time spent compiling so far (``None`` before the first call).
-    ``compiler_options`` go to XLA with the compile (see ``xla_options``).
+    ``compile_seconds`` is the time spent compiling so far (``None`` before the first call),
+    and ``compiled_stats`` what the latest compile's executable needs per device and step:
+    ``temp_mib`` (XLA's temporary buffers) and ``collective_mib`` (bytes its collectives
+    write; see ``vdit.sharding.collective_bytes``). ``compiler_options`` go to XLA with the
+    compile (see ``xla_options``).
     """
     batch_shardings = {k: batch_sharding(mesh, ndim) for k, ndim in batch_spec.items()}
     jitted = jax.jit(
@@ -270,11 +275,23 @@ def jit_train_step(step_fn, mesh, rules, state_shardings, batch_spec: dict, froz
                 start = time.perf_counter()
                 compiled[shapes] = compile_with_options(jitted.lower(state, batch, frozen), compiler_options)
                 run.compile_seconds = (run.compile_seconds or 0.0) + time.perf_counter() - start
+                run.compiled_stats = _executable_stats(compiled[shapes])
             return compiled[shapes](state, batch, frozen)
 
     run.compile_seconds = None
+    run.compiled_stats = {}
     run.jitted = jitted
     return run
+
+
+def _executable_stats(compiled) -> dict[str, float]:
+    """Per-device temp memory and collective traffic of one step, in MiB (what the backend reports)."""
+    stats = {}
+    memory = compiled.memory_analysis()  # None where a backend does not report it
+    if memory is not None:
+        stats["temp_mib"] = memory.temp_size_in_bytes / 2**20
+    stats["collective_mib"] = sum(collective_bytes(compiled.as_text()).values()) / 2**20
+    return stats
 
 
 def model_flops_per_example(models: Models, latent_shape: tuple[int, ...], text_len: int) -> float:
