@@ -271,6 +271,21 @@ class EncoderBlock(nn.Module):
         return constrain(x + h.astype(jnp.float32), ACT)
 
 
+class _Embed(nn.Embed):
+    """``nn.Embed`` (same parameters) whose table is gathered over its ``embed`` axis first.
+
+    With the table fsdp-sharded along ``embed`` and the ids split over the batch, XLA's
+    partitioner cannot scatter-add the batch-split gradient into the sharded table and
+    falls back to replicating the whole activation gradient ("involuntary full
+    rematerialization"). Gathering the table, as fsdp does for every other weight, keeps
+    the lookup and its gradient local; the gradient then reduce-scatters like any other.
+    """
+
+    def __call__(self, inputs: jax.Array) -> jax.Array:
+        table = constrain(jnp.asarray(self.embedding, self.dtype or self.param_dtype), ("vocab", None))
+        return jnp.take(table, inputs, axis=0)
+
+
 class TextTransformer(nn.Module):
     """Small bidirectional transformer over token ids; the pure part of a text encoder.
 
@@ -325,7 +340,7 @@ class TextTransformer(nn.Module):
         # a gather would wrap to a valid row) reads row vocab_size, which the lookup fills with NaN:
         # a loud output rather than a plausible, wrong embedding.
         ids = jnp.where(mask, jnp.where((ids < 0) | (ids >= self.vocab_size), self.vocab_size, ids), 0)
-        embed = nn.Embed(
+        embed = _Embed(
             self.vocab_size,
             self.width,
             dtype=jnp.float32,  # a lookup, not a matmul: start the residual stream in f32

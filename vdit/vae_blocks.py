@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from vdit.attention import attention
-from vdit.layers import Conv, Dtype, RMSNorm
+from vdit.layers import Conv, Dtype, RMSNorm, constrain
 
 Cache = Any  # a pytree of past frames; None at the start of a clip
 
@@ -29,6 +29,12 @@ Cache = Any  # a pytree of past frames; None at the start of a clip
 NORM_EPS = 1e-12
 _SAME_HW = ((0, 0), (1, 1), (1, 1))  # time is padded causally by hand, space "same"
 RESAMPLE_MODES = ("down2d", "down3d", "up2d", "up3d")
+# Video activations are split over the batch only. Left to itself, sharding propagation
+# follows the fsdp-sharded conv kernels onto the channels, so each conv's input is
+# all-gathered across fsdp and the backward pass (batch-split) must replicate
+# activations to meet it; with the weights small and the activations large, gathering
+# the weights (ZeRO-3) is the cheap side.
+VIDEO = ("act_batch", None, None, None, "act_embed")
 
 
 def time_identity_init(tap: int, copies: int = 1):
@@ -70,7 +76,7 @@ def causal(conv: nn.Module, x: jax.Array, cache: jax.Array | None) -> tuple[jax.
     if cache is None:
         cache = jnp.zeros((x.shape[0], kt - 1, *x.shape[2:]), x.dtype)
     x = jnp.concatenate([cache.astype(x.dtype), x], axis=1)
-    return conv(x), x[:, x.shape[1] - (kt - 1) :]
+    return constrain(conv(x), VIDEO), x[:, x.shape[1] - (kt - 1) :]
 
 
 class ResBlock(nn.Module):
@@ -88,7 +94,7 @@ class ResBlock(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         h = x
         if x.shape[-1] != self.features:
-            h = Conv(self.features, (1, 1, 1), name="conv_shortcut", **kw)(x)
+            h = constrain(Conv(self.features, (1, 1, 1), name="conv_shortcut", **kw)(x), VIDEO)
         y = jax.nn.silu(RMSNorm(NORM_EPS, param_dtype=self.param_dtype, name="norm1")(x))
         conv1 = Conv(self.features, (3, 3, 3), padding=_SAME_HW, name="conv1", **kw)
         y, c1 = causal(conv1, y, _get(cache, "conv1"))
@@ -115,7 +121,7 @@ class AttentionBlock(nn.Module):
         y = attention(q, k, v, impl=self.impl).reshape(b, t, h, w, c)
         # Zero-initialised output, as Wan's: the block starts as the identity.
         proj = Conv(c, (1, 1), kernel_init=nn.initializers.zeros_init(), name="proj", **kw)
-        return x + proj(y), None
+        return constrain(x + proj(y), VIDEO), None
 
 
 class MidBlock(nn.Module):
@@ -177,10 +183,11 @@ class Resample(nn.Module):
                 x = jnp.concatenate([first, x.astype(first.dtype)], axis=1)
         if self.mode.startswith("up"):
             x = jnp.repeat(jnp.repeat(x, 2, axis=2), 2, axis=3)  # nearest, exact for 2x
-            return Conv(self.features, (3, 3), padding=((1, 1), (1, 1)), name="conv", **kw)(x), new_cache
+            x = Conv(self.features, (3, 3), padding=((1, 1), (1, 1)), name="conv", **kw)(x)
+            return constrain(x, VIDEO), new_cache
 
         x = jnp.pad(x, ((0, 0), (0, 0), (0, 1), (0, 1), (0, 0)))
-        x = Conv(self.features, (3, 3), strides=(2, 2), name="conv", **kw)(x)
+        x = constrain(Conv(self.features, (3, 3), strides=(2, 2), name="conv", **kw)(x), VIDEO)
         if self.mode == "down3d":
             time_conv = Conv(self.features, (3, 1, 1), strides=(2, 1, 1), kernel_init=time_identity_init(1),
                              name="time_conv", **kw)
@@ -191,7 +198,7 @@ class Resample(nn.Module):
                 x = jnp.concatenate([x[:, :1], time_conv(x)], axis=1)
             else:
                 self._touch(time_conv, self.features, x.dtype)
-        return x, new_cache
+        return constrain(x, VIDEO), new_cache
 
     def _touch(self, conv: nn.Module, c: int, dtype) -> None:
         # A 1-frame clip never runs the time conv; create its parameters anyway at init.
