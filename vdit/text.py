@@ -278,7 +278,7 @@ class _Embed(nn.Embed):
     partitioner cannot scatter-add the batch-split gradient into the sharded table and
     falls back to replicating the whole activation gradient ("involuntary full
     rematerialization"). Gathering the table, as fsdp does for every other weight, keeps
-    the lookup and its gradient local; the gradient then reduce-scatters like any other.
+    the lookup and its gradient local; the gradient is then reduced like any other weight's.
     """
 
     def __call__(self, inputs: jax.Array) -> jax.Array:
