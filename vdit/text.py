@@ -272,13 +272,11 @@ class EncoderBlock(nn.Module):
 
 
 class _Embed(nn.Embed):
-    """``nn.Embed`` (same parameters) whose table is gathered over its ``embed`` axis first.
+    """``nn.Embed`` (same parameters) that gathers its table along ``embed`` before the lookup.
 
-    With the table fsdp-sharded along ``embed`` and the ids split over the batch, XLA's
-    partitioner cannot scatter-add the batch-split gradient into the sharded table and
-    falls back to replicating the whole activation gradient ("involuntary full
-    rematerialization"). Gathering the table, as fsdp does for every other weight, keeps
-    the lookup and its gradient local; the gradient is then reduced like any other weight's.
+    With the table fsdp-split and the ids batch-split, XLA cannot scatter-add the gradient
+    into the split table and replicates the whole activation gradient instead ("involuntary
+    full rematerialization"). A gathered table, like every fsdp weight, keeps both local.
     """
 
     def __call__(self, inputs: jax.Array) -> jax.Array:
