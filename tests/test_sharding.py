@@ -105,7 +105,7 @@ def test_fsdp_gradients_move_weights_not_activations(model):
     weight_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
     # An all-to-all reshards an activation. The DiT's one moves a per-example vector (B x D,
     # the timestep modulation's gradient), 0.1% of its weights' bytes: constraining it too
-    # cost more gathers than it saved (shapes_cpu: +1.6 MiB). The VAE's moved 4x its weights.
+    # cost more gathers than it saved (a side experiment). The VAE's moved 4x its weights.
     assert moved.get("all-to-all", 0) <= 0.01 * weight_bytes, (moved, weight_bytes)
     # Weights are gathered for the forward pass and again for the backward pass, and their
     # gradients reduced: about 3x their bytes (before the constraints: 27x for the VAE).
